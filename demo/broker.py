@@ -1,8 +1,8 @@
 """An MQTT broker for the demo: an embedded amqtt broker in a child process, or an external one by address.
 
-``embedded_broker()`` starts amqtt (MQTT 3.1.1, anonymous, no ``$SYS`` topics) as ``python -m demo.broker`` on a
-free port of 127.0.0.1, waits until a client can connect, and on exit terminates the child (then kills it if it
-does not go). ``parse_broker("host[:port]")`` names an external broker such as Mosquitto instead.
+``embedded_broker()`` starts amqtt (MQTT 3.1.1, anonymous, no ``$SYS`` topics) as ``python -m demo.broker``
+on a free port of 127.0.0.1, waits until a client can connect, and on exit terminates the child (then kills it
+if it does not go). ``parse_broker("host[:port]")`` names an external broker such as Mosquitto instead.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_connectable(address: BrokerAddress, timeout_s: float = 15.0, child: subprocess.Popen | None = None
-                           ) -> None:
+def wait_until_connectable(
+    address: BrokerAddress, timeout_s: float = 15.0, child: subprocess.Popen | None = None
+) -> None:
     """Block until an MQTT client can connect to ``address``.
 
     Args:
@@ -81,7 +82,9 @@ def wait_until_connectable(address: BrokerAddress, timeout_s: float = 15.0, chil
     last_error = "no attempt"
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
-            raise RuntimeError(f"the MQTT broker exited with code {child.returncode} before accepting connections")
+            raise RuntimeError(
+                f"the MQTT broker exited with code {child.returncode} before accepting connections"
+            )
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-probe-{uuid.uuid4().hex[:8]}")
         try:
             client.connect(address.host, address.port, keepalive=5)
@@ -116,8 +119,9 @@ def stop_process(proc: subprocess.Popen, name: str, timeout_s: float = 10.0) -> 
 
 
 @contextlib.contextmanager
-def embedded_broker(host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 15.0
-                    ) -> Iterator[BrokerAddress]:
+def embedded_broker(
+    host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 15.0
+) -> Iterator[BrokerAddress]:
     """Run an amqtt broker in a child process for the duration of the ``with`` block.
 
     Args:
