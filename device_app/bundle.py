@@ -1,0 +1,166 @@
+"""A loaded bundle: the manifest plus one interpreter whose signatures share the model's variables.
+
+Relies on the manifest fields ``input`` (shape, mean/std normalisation), ``labels``, ``train_signatures``,
+``weights`` (names and roles in ``get_weights``/``set_weights`` order) and on the signature names of
+:class:`hosvd_contract.Sig`. Only training/evaluation child processes create a :class:`Bundle`: the first
+invoke allocates the interpreter arena, and that memory is never given back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_app.runtime import load_interpreter
+from hosvd_contract import MODEL_FILE, BundleError, Manifest, Sig, load_manifest
+
+EVAL_BATCH = 64
+
+
+def normalise(x: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """``(x - mean) / std`` over the last axis when the manifest gives them, as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    if manifest.input.mean is not None:
+        x = x - np.asarray(manifest.input.mean, np.float32)
+    if manifest.input.std is not None:
+        x = x / np.asarray(manifest.input.std, np.float32)
+    return x
+
+
+class Bundle:
+    """Signatures of one bundle as numpy functions.
+
+    Args:
+        path: the bundle directory (``manifest.json`` + ``model.tflite``); the hash is verified.
+        num_threads: interpreter threads.
+
+    Raises:
+        BundleError: invalid bundle, or a signature/weight the manifest names is missing from the model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], num_threads: int = 2) -> None:
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads)
+        self.signatures = self.interpreter.get_signature_list()
+        self._runners: dict[str, object] = {}
+        self._check()
+
+    def _check(self) -> None:
+        need = [Sig.INFER, Sig.EVALUATE, Sig.GET_WEIGHTS, Sig.SET_WEIGHTS]
+        need += [s.train for s in self.manifest.train_signatures]
+        missing = [k for k in need if k not in self.signatures]
+        if missing:
+            raise BundleError(f"{self.path}: model.tflite lacks signatures {missing}; it has "
+                              f"{sorted(self.signatures)}")
+        names = {w.name for w in self.manifest.weights}
+        outputs = set(self.signatures[Sig.GET_WEIGHTS]["outputs"])
+        if names != outputs:
+            raise BundleError(f"{self.path}: manifest weights {sorted(names ^ outputs)} do not match "
+                              "get_weights")
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.sha256
+
+    @property
+    def has_features(self) -> bool:
+        """True when the prefix can be streamed and cached (``features`` + ``train_features`` exist)."""
+        return Sig.FEATURES in self.signatures and all(
+            s.train_features in self.signatures for s in self.manifest.train_signatures)
+
+    def runner(self, key: str) -> Any:
+        """The runtime's signature runner for ``key`` (created once)."""
+        if key not in self._runners:
+            self._runners[key] = self.interpreter.get_signature_runner(key)
+        return self._runners[key]
+
+    def _batched(self, key: str, inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+        n = len(next(iter(inputs.values())))
+        run = self.runner(key)
+        outs = []
+        for i in range(0, n, batch):
+            out = run(**{name: a[i:i + batch] for name, a in inputs.items()})
+            outs.append({k: np.array(v) for k, v in out.items()})
+        return outs
+
+    def infer(self, x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
+        """Model output ``(N, K)`` for raw (un-normalised) windows ``x`` ``(N, ...)``."""
+        outs = self._batched(Sig.INFER, {Sig.X: normalise(x, self.manifest)}, batch)
+        return np.concatenate([o[Sig.OUTPUT] for o in outs])
+
+    def features(self, x: np.ndarray, micro_batch: int) -> np.ndarray:
+        """Frozen-prefix output for raw windows ``x``, computed ``micro_batch`` samples at a time."""
+        outs = self._batched(Sig.FEATURES, {Sig.X: normalise(x, self.manifest)}, micro_batch)
+        return np.concatenate([o[Sig.FEATURES_IN] for o in outs])
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, from_features: bool = False,
+                 batch: int = EVAL_BATCH) -> dict[str, float]:
+        """Mean loss and accuracy over all of ``x`` (raw windows, or prefix features with ``from_features``).
+
+        Returns:
+            ``{"loss": float, "accuracy": float, "n": int}``; NaN loss/accuracy when ``x`` is empty.
+        """
+        n = len(x)
+        if n == 0:
+            return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
+        key, name = ((Sig.EVALUATE_FEATURES, Sig.FEATURES_IN) if from_features
+                     else (Sig.EVALUATE, Sig.X))
+        data = x if from_features else normalise(x, self.manifest)
+        outs = self._batched(key, {name: data, Sig.Y: y}, batch)
+        sizes = [min(batch, n - i) for i in range(0, n, batch)]
+        loss = sum(float(o[Sig.LOSS]) * k for o, k in zip(outs, sizes, strict=True)) / n
+        correct = sum(float(o[Sig.CORRECT]) for o in outs)
+        return {"loss": loss, "accuracy": correct / n, "n": n}
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, from_features: bool = False) -> tuple[float, float]:
+        """One optimizer step on a batch whose size has a train signature; return ``(loss, correct)``.
+
+        ``x`` is raw windows, or prefix features with ``from_features``.
+        """
+        sig = self.manifest.train_signature(len(x))
+        key = sig.train_features if from_features else sig.train
+        name = Sig.FEATURES_IN if from_features else Sig.X
+        data = x if from_features else normalise(x, self.manifest)
+        out = self.runner(key)(**{name: data, Sig.Y: y})
+        return float(out[Sig.LOSS]), float(out[Sig.CORRECT])
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Copies of every variable (trainable, optimizer, compression state) by manifest name."""
+        return {k: np.array(v, copy=True) for k, v in self.runner(Sig.GET_WEIGHTS)().items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Assign every variable.
+
+        Raises:
+            BundleError: a name is missing or unknown, or a shape differs from the manifest.
+        """
+        specs = {w.name: w for w in self.manifest.weights}
+        if set(weights) != set(specs):
+            missing, unknown = sorted(set(specs) - set(weights)), sorted(set(weights) - set(specs))
+            raise BundleError(f"weights do not match the bundle: missing {missing}, unknown {unknown}")
+        for name, value in weights.items():
+            if list(np.shape(value)) != list(specs[name].shape):
+                raise BundleError(f"weight {name}: shape {list(np.shape(value))}, the bundle has "
+                                  f"{specs[name].shape}")
+        self.runner(Sig.SET_WEIGHTS)(**{k: np.asarray(v, dtype=specs[k].dtype) for k, v in weights.items()})
+
+    def learning_rate_name(self) -> str | None:
+        """Name of the ``optimizer:learning_rate`` variable, if the bundle has one."""
+        return next((w.name for w in self.manifest.weights if w.role == "optimizer:learning_rate"), None)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate variable (read-modify-write through get/set_weights).
+
+        Raises:
+            BundleError: the bundle has no ``optimizer:learning_rate`` variable.
+        """
+        name = self.learning_rate_name()
+        if name is None:
+            raise BundleError("this bundle has no optimizer:learning_rate variable; its rate is fixed")
+        weights = self.get_weights()
+        weights[name] = np.asarray(lr, dtype=np.float32).reshape(weights[name].shape)
+        self.set_weights(weights)

@@ -1,0 +1,39 @@
+"""What a child process is asked to do: a picklable job description shared by the daemon, the CLI and the
+child.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from device_app.plan import Plan
+
+JobKind = Literal["probe", "train", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One child run.
+
+    ``probe`` loads the bundle and reports the RSS of a loaded-but-idle process and the newest checkpoint;
+    ``train`` runs ``steps`` optimizer steps with ``plan``; ``evaluate`` evaluates the newest checkpoint on
+    ``split``.
+    """
+
+    kind: JobKind
+    bundle_dir: str
+    db_path: str
+    checkpoints_root: str
+    threads: int = 2
+    plan: Plan | None = None
+    steps: int = 0
+    learning_rate: float | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    progress_every: int = 10
+    rollback_tolerance: float | None = None
+    feature_cache: bool = True
+    seed: int = 0
+    split: str = "val"
+    transaction: Any = None

@@ -1,0 +1,113 @@
+"""Choose how to run training inside the RAM ceiling, from the bundle's measured memory plan.
+
+Each ``manifest.memory_plan`` entry is one way to run a step (batch size; ``whole`` or ``streamed`` prefix
+with a micro-batch) with the peak RSS the converter measured in a fresh process and that process's RSS right
+after loading the bundle. The step's own cost is the difference (``measured_delta_bytes``; the analytic
+``estimated_peak_bytes`` when nothing was measured). On the device::
+
+    need = daemon RSS + child base RSS (measured here by a probe child) + step delta + safety margin
+
+and a plan fits when ``need <= ram_ceiling_mb``. Among the plans that fit, the largest batch wins (the
+requested one if a request names it); at equal batch, ``streamed`` wins when the feature cache is on (later
+epochs then run only the trainable suffix), else ``whole``. When nothing fits, :class:`PlanError` lists
+every candidate's need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from hosvd_contract import Manifest, MemoryPlanEntry
+
+MIB = 1 << 20
+
+
+class PlanError(RuntimeError):
+    """No way to train fits the ceiling, or the request asks for something the bundle does not have."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen way to train, with the memory arithmetic that justified it (bytes)."""
+
+    batch_size: int
+    mode: str
+    micro_batch: int
+    need_bytes: int
+    ceiling_bytes: int
+    step_bytes: int
+    child_base_bytes: int
+    daemon_bytes: int
+
+    @property
+    def child_limit_bytes(self) -> int:
+        """RSS the child may reach before the watcher stops it (0 = no ceiling)."""
+        return max(0, self.ceiling_bytes - self.daemon_bytes) if self.ceiling_bytes else 0
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        mb = {k.replace("_bytes", "_mb"): round(v / MIB, 1) for k, v in d.items() if k.endswith("_bytes")}
+        d.update(mb)
+        return {k: v for k, v in d.items() if not k.endswith("_bytes")}
+
+
+def step_bytes(entry: MemoryPlanEntry) -> int:
+    """What one step adds to a loaded process: measured delta, else the converter's estimate."""
+    delta = entry.measured_delta_bytes
+    return delta if delta is not None else entry.estimated_peak_bytes
+
+
+def _candidates(manifest: Manifest, batch_size: int, streamed_ok: bool) -> list[MemoryPlanEntry]:
+    entries = list(manifest.memory_plan)
+    if not entries:  # no memory plan: one whole-batch entry per train signature, cost unknown (0)
+        entries = [MemoryPlanEntry(s.batch_size, "whole", s.batch_size, 0) for s in manifest.train_signatures]
+    have = sorted({s.batch_size for s in manifest.train_signatures})
+    entries = [e for e in entries if e.batch_size in have and (streamed_ok or e.mode == "whole")]
+    if batch_size:
+        if batch_size not in have:
+            raise PlanError(f"batch_size {batch_size} is not in the bundle; it has train signatures for "
+                            f"{have}")
+        entries = [e for e in entries if e.batch_size == batch_size]
+    preferred = "streamed" if streamed_ok else "whole"
+    return sorted(entries, key=lambda e: (-e.batch_size, e.mode != preferred))
+
+
+def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child_base_bytes: int,
+                margin_mb: int = 16, batch_size: int = 0, streamed_ok: bool = True) -> Plan:
+    """Pick the plan for one training run.
+
+    Args:
+        manifest: the bundle's manifest (``memory_plan``, ``train_signatures``).
+        ceiling_mb: ``[training] ram_ceiling_mb``; 0 means no ceiling (largest batch, no checks).
+        daemon_bytes: the daemon's RSS now.
+        child_base_bytes: RSS of a child that loaded the bundle and ran nothing (probe).
+        margin_mb: safety margin added to every need.
+        batch_size: a requested batch size, 0 for the largest that fits.
+        streamed_ok: the bundle has ``features``/``train_features`` and the feature cache is on.
+
+    Returns:
+        The plan.
+
+    Raises:
+        PlanError: nothing fits (the message lists each candidate's need), or ``batch_size`` is not exported.
+    """
+    ceiling = ceiling_mb * MIB
+    margin = margin_mb * MIB
+    candidates = _candidates(manifest, batch_size, streamed_ok)
+    if not candidates:
+        raise PlanError("the bundle's memory plan has no usable entry")
+    needs = []
+    for e in candidates:
+        step = step_bytes(e)
+        need = daemon_bytes + child_base_bytes + step + margin
+        if not ceiling or need <= ceiling:
+            return Plan(e.batch_size, e.mode, e.micro_batch, need, ceiling, step, child_base_bytes,
+                        daemon_bytes)
+        needs.append(f"batch {e.batch_size} {e.mode}"
+                     f"{f' (micro-batch {e.micro_batch})' if e.mode == 'streamed' else ''}: "
+                     f"{need / MIB:.1f} MiB")
+    raise PlanError(
+        f"no training plan fits ram_ceiling_mb = {ceiling_mb}: daemon {daemon_bytes / MIB:.1f} MiB + bundle "
+        f"loaded {child_base_bytes / MIB:.1f} MiB + step + margin {margin_mb} MiB needs "
+        + "; ".join(needs) + ". Raise [training] ram_ceiling_mb, or convert the bundle with a smaller batch "
+        "or fewer trainable layers")

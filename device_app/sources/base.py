@@ -1,0 +1,81 @@
+"""The interface every sensor source implements, and the options every ``[[sources]]`` table shares."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from device_app.schema import spec
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading: ``t`` in seconds, one value per model channel, an optional label."""
+
+    t: float
+    values: tuple[float, ...]
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source learns from the bundle and the daemon.
+
+    ``channels`` are the model's input channel names in column order (``manifest.input.channels``, or
+    ``ch0..chN`` when the bundle names none), ``rate_hz`` the rate the model expects (``None`` if unknown).
+    ``topic`` is the MQTT topic an ``mqtt`` source listens on.
+    """
+
+    channels: list[str]
+    rate_hz: float | None = None
+    topic: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """Keys every source accepts; each plug-in's ``Options`` extends this."""
+
+    type: str = spec(doc="plug-in: csv, iio, mpu6050, mqtt or synthetic")
+    name: str = spec(doc="name for logs and the collect command (default <type><index>)",
+                     pattern=r"[A-Za-z0-9_-]{1,32}")
+    autostart: bool = spec(True, doc="collect from start-up without a collect request")
+    label: str | None = spec(None, doc="label for every window from this source (overrides a label column)")
+    hop: int = spec(0, doc="samples between window starts; 0 = the window length (no overlap)", min=0)
+
+
+class Source(ABC):
+    """A stream of :class:`Sample`.
+
+    Lifecycle (driven by :class:`device_app.collector.Collector`, one thread per source): ``setup`` once
+    before reading (open files or the bus, import hardware libraries), then ``samples`` until it returns or
+    ``stop`` is set, then ``cleanup`` always, even after an error.
+    """
+
+    def __init__(self, options: SourceOptions, context: SourceContext) -> None:
+        self.options = options
+        self.context = context
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Open what the source reads from. Runs in the source's thread."""
+
+    @abstractmethod
+    def samples(self, stop: threading.Event) -> Iterator[Sample]:
+        """Yield samples until exhausted or ``stop`` is set; check ``stop`` at least every ~0.2 s."""
+
+    def cleanup(self) -> None:  # noqa: B027 - optional hook
+        """Close what ``setup`` opened."""
+
+
+def ticks(stop: threading.Event, rate_hz: float) -> Iterator[float]:
+    """Yield wall-clock times (s) at ``rate_hz`` until ``stop`` is set; a late tick does not cause a burst."""
+    period = 1.0 / rate_hz
+    deadline = time.monotonic()
+    while not stop.is_set():
+        delay = deadline - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            return
+        yield time.time()
+        deadline = max(deadline + period, time.monotonic() - period)
