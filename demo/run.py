@@ -1,0 +1,407 @@
+"""The demo, stage by stage: data, factory model, bundle, device, MQTT training, evaluation, report.
+
+Everything the demo starts (broker, device daemon, MQTT client) is entered on one ``ExitStack``, so normal
+exit, an error and Ctrl-C all leave through the same ordered shutdown: client, then daemon (SIGTERM, then
+SIGKILL to its process group), then broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demo import datasets, models, shift
+from demo.broker import BrokerAddress, embedded_broker
+from demo.device import device_process, write_config
+from demo.mqtt_client import DeviceClient, DeviceError
+from demo.report import REPORT_FILE, Summary, plot_report, summary_text, write_summary
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = "demo-watch"
+BASE_TOPIC = "hosvd-edge"
+MIB = float(1 << 20)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-data-set choices of the demo (see ``docs/demo.md``)."""
+
+    factory_fraction: float
+    device_train_fraction: float
+    pretrain_epochs: int
+    train_last: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    steps: int
+    fast_steps: int
+    ram_ceiling_mb: int
+
+
+SETTINGS: dict[str, Settings] = {
+    "basicmotions": Settings(
+        factory_fraction=0.5,
+        device_train_fraction=0.25,
+        pretrain_epochs=30,
+        train_last=2,
+        batch_size=8,
+        optimizer="adam",
+        learning_rate=1e-2,
+        steps=60,
+        fast_steps=30,
+        ram_ceiling_mb=512,
+    ),
+    "digits": Settings(
+        factory_fraction=0.5,
+        device_train_fraction=0.2,
+        pretrain_epochs=8,
+        train_last=2,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=3e-3,
+        steps=120,
+        fast_steps=40,
+        ram_ceiling_mb=512,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for on the command line."""
+
+    dataset: datasets.DatasetName = "basicmotions"
+    out_dir: Path = Path("demo-out")
+    broker: BrokerAddress | None = None
+    fast: bool = False
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The factory part (as recorded) and the new user's parts (with the simulated shift applied)."""
+
+    factory: datasets.Dataset
+    user_train: datasets.Dataset
+    user_holdout: datasets.Dataset
+    user_holdout_unshifted: datasets.Dataset
+    mean: np.ndarray
+    std: np.ndarray
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std`` with the factory statistics (the bundle's input spec tells the device)."""
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+class Timer:
+    """Wall-clock seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        log.info("== %s", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - start, 2)
+
+
+def prepare_data(name: datasets.DatasetName, settings: Settings, seed: int) -> DemoData:
+    """Load a data set, split it and shift the new user's parts (see :mod:`demo.shift`)."""
+    data = datasets.load(name)
+    split = datasets.split_factory_user(data, settings.factory_fraction, settings.device_train_fraction, seed)
+    move = shift.SHIFTS[name]
+    axes = tuple(range(split.factory.x.ndim - 1))
+    mean = split.factory.x.mean(axis=axes)
+    std = split.factory.x.std(axis=axes) + 1e-6
+    if split.factory.layout == "NHWC":  # images are already in [0, 1]: leave them as they are
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    return DemoData(
+        factory=split.factory,
+        user_train=split.device_train.with_x(move(split.device_train.x)),
+        user_holdout=split.holdout.with_x(move(split.holdout.x)),
+        user_holdout_unshifted=split.holdout,
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+    )
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def factory_model(data: DemoData, name: str, settings: Settings, seed: int, cache_dir: Path) -> Any:
+    """The pre-trained "factory" model, from the cache when the same recipe built it before.
+
+    The cache key covers the data set, seed, epochs and the model's layer configuration, so a change to any of
+    them trains again.
+    """
+    import keras
+
+    model = models.build(name, classes=len(data.factory.labels), seed=seed)
+    key = _fingerprint(
+        dataset=name, seed=seed, epochs=settings.pretrain_epochs, config=model.to_json(), n=len(data.factory)
+    )
+    path = cache_dir / f"factory-{name}-{key}.keras"
+    if path.is_file():
+        log.info("Using the cached factory model %s", path)
+        return keras.saving.load_model(path)
+    models.pretrain(model, data.normalise(data.factory.x), data.factory.y, settings.pretrain_epochs, seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+    log.info("Saved the factory model to %s", path)
+    return model
+
+
+def convert_bundle(model: Any, data: DemoData, settings: Settings, bundle_dir: Path) -> Any:
+    """Convert the factory model into a training bundle with HOSVD compression (see ``converter.convert``).
+
+    Returns:
+        The bundle's ``hosvd_contract.Manifest``.
+    """
+    from converter.convert import convert
+
+    if bundle_dir.exists():
+        shutil.rmtree(bundle_dir)
+    factory = data.factory
+    input_spec: dict[str, Any] = {"layout": factory.layout}
+    if factory.layout == "NLC":
+        input_spec.update(
+            channels=factory.channels, rate_hz=factory.rate_hz, mean=data.mean.tolist(), std=data.std.tolist()
+        )
+    rng = np.random.default_rng(0)
+    calibration = data.normalise(factory.x[rng.permutation(len(factory))[:64]])
+    return convert(
+        model,
+        bundle_dir,
+        train_last=settings.train_last,
+        compression="hosvd",
+        epsilon=0.8,
+        batch_sizes=(settings.batch_size,),
+        optimizer=settings.optimizer,
+        learning_rate=settings.learning_rate,
+        input_spec=input_spec,
+        labels=factory.labels,
+        calibration_data=calibration,
+        measure=True,
+        progress=False,
+    )
+
+
+def saved_activation_mib(manifest: Any) -> tuple[float, float]:
+    """``(compressed, vanilla)`` saved-activation MiB over the trainable layers (the paper's formula)."""
+    layers = [layer for layer in manifest.layers if layer.trainable]
+    return (
+        sum(layer.saved_bytes_compressed for layer in layers) / MIB,
+        sum(layer.saved_bytes_vanilla for layer in layers) / MIB,
+    )
+
+
+def device_config(
+    out: Path,
+    broker: BrokerAddress,
+    protocol: str,
+    bundle_name: str,
+    csv_path: Path,
+    settings: Settings,
+    steps: int,
+) -> dict[str, Any]:
+    """The device's config sections and sources (see ``docs/device.md`` for every key)."""
+    sections = {
+        "device": {"id": DEVICE_ID, "state_dir": str(out / "device" / "state"), "log_level": "INFO"},
+        "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE_TOPIC, "protocol": protocol},
+        "model": {"bundle": bundle_name, "bundles_dir": str(out / "bundles"), "threads": 2},
+        "store": {"val_fraction": 0.2},
+        "training": {
+            "ram_ceiling_mb": settings.ram_ceiling_mb,
+            "batch_size": settings.batch_size,
+            "steps": steps,
+            "progress_every": max(1, steps // 30),
+            "checkpoint_every": steps,
+            "rollback_tolerance": 0.5,
+        },
+    }
+    sources = [{"type": "csv", "name": "newuser", "path": str(csv_path), "pacing": "fast"}]
+    return {"sections": sections, "sources": sources}
+
+
+def evaluate_bundle(bundle_dir: Path, checkpoints_root: Path | None, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of a bundle on raw inputs, with the newest device checkpoint's weights when there is one.
+
+    Uses the device app's own reader (:class:`device_app.bundle.Bundle`, :mod:`device_app.checkpoint`), so the
+    numbers are what the device would compute. Without a checkpoint (none given, or the device rolled the run
+    back and kept none) the bundle's initial weights are evaluated.
+    """
+    from device_app import checkpoint
+    from device_app.bundle import Bundle
+
+    bundle = Bundle(bundle_dir)
+    if checkpoints_root is not None:
+        directory = checkpoint.bundle_dir(checkpoints_root, bundle.sha256)
+        ckpt = checkpoint.latest(directory, names={w.name for w in bundle.manifest.weights})
+        if ckpt is None:
+            log.warning("The device kept no checkpoint under %s: evaluating the initial weights", directory)
+        else:
+            bundle.set_weights(ckpt.weights)
+            log.info("Evaluating checkpoint %s (step %d)", ckpt.path, ckpt.step)
+    return float(bundle.evaluate(x, y.astype(np.int32))["accuracy"])
+
+
+def train_over_mqtt(
+    client: DeviceClient, steps: int, progress_bar: bool, timeout_s: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send ``train``, show progress messages as a bar, and return ``(progress, report)``.
+
+    Raises:
+        DeviceError: the device refused, failed, or did not report within ``timeout_s``.
+    """
+    from tqdm import tqdm
+
+    client.request("train", {"steps": steps}, timeout_s=60)
+    progress: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    with tqdm(
+        total=steps, desc="device training", unit="step", disable=not progress_bar, dynamic_ncols=True
+    ) as bar:
+        while time.monotonic() < deadline:
+            message = client.messages(timeout_s=0.5)
+            if message is None:
+                continue
+            if message.topic == "progress" and isinstance(message.payload, dict):
+                progress.append(message.payload)
+                bar.update(max(0, int(message.payload.get("step", 0)) - bar.n))
+                bar.set_postfix(
+                    loss=f"{message.payload.get('loss', float('nan')):.3f}",
+                    rss=f"{message.payload.get('rss_mb', 0):.0f}MB",
+                )
+            elif message.topic == "report" and not message.retained and isinstance(message.payload, dict):
+                bar.update(steps - bar.n)
+                return progress, message.payload
+            elif message.topic == "status" and _state(message.payload) in ("error", "offline"):
+                raise DeviceError(f"device went {message.payload.get('state')}: {message.payload}")
+    raise DeviceError(f"no training report within {timeout_s:.0f} s")
+
+
+def _state(payload: Any) -> str | None:
+    return payload.get("state") if isinstance(payload, dict) else None
+
+
+def run(options: Options) -> Summary:
+    """Run the whole demo and return its summary (also written to ``<out>/demo-summary.json``)."""
+    settings = SETTINGS[options.dataset]
+    steps = settings.fast_steps if options.fast else settings.steps
+    out = options.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+
+    with timer.stage("data"):
+        data = prepare_data(options.dataset, settings, options.seed)
+    with timer.stage("factory model"):
+        model = factory_model(data, options.dataset, settings, options.seed, out / "cache")
+        factory_acc = models.accuracy(
+            model, data.normalise(data.user_holdout_unshifted.x), data.user_holdout.y
+        )
+        log.info("Factory model on the held-out recordings: %.1f%% as recorded", 100 * factory_acc)
+    bundle_name = f"{options.dataset}-hosvd"
+    bundle_dir = out / "bundles" / bundle_name
+    with timer.stage("convert"):
+        manifest = convert_bundle(model, data, settings, bundle_dir)
+    saved, saved_vanilla = saved_activation_mib(manifest)
+
+    with timer.stage("accuracy before"):
+        before = evaluate_bundle(bundle_dir, None, data.user_holdout.x, data.user_holdout.y)
+
+    state_dir = out / "device" / "state"
+    shutil.rmtree(state_dir, ignore_errors=True)  # a fresh device every run: empty store, no checkpoints
+    user = data.user_train
+    csv_path = datasets.write_edge_impulse_csv(
+        out / "device" / "new-user.csv",
+        user.x,
+        [user.labels[i] for i in user.y],
+        user.channels or [],
+        user.rate_hz or 1.0,
+    )
+    with contextlib.ExitStack() as stack:
+        with timer.stage("broker"):
+            if options.broker is None:
+                broker, protocol = stack.enter_context(embedded_broker()), "3.1.1"
+            else:
+                broker, protocol = options.broker, "5"
+        config = device_config(out, broker, protocol, bundle_name, csv_path, settings, steps)
+        config_path = write_config(out / "device" / "device.toml", config["sections"], config["sources"])
+        with timer.stage("device start"):
+            client = stack.enter_context(DeviceClient(broker, DEVICE_ID, BASE_TOPIC, protocol))
+            stack.enter_context(device_process(config_path, out / "device" / "device.log"))
+            client.wait_for_state({"idle"}, timeout_s=120)
+            wait_for_windows(client, expected=len(user), timeout_s=60)
+        with timer.stage("device training"):
+            progress, report = train_over_mqtt(client, steps, options.progress_bar, timeout_s=600)
+
+    with timer.stage("accuracy after"):
+        after = evaluate_bundle(
+            bundle_dir, state_dir / "checkpoints", data.user_holdout.x, data.user_holdout.y
+        )
+
+    peak = report.get("peak_rss_mb")
+    summary = Summary(
+        dataset=options.dataset,
+        accuracy_before=before,
+        accuracy_after=after,
+        peak_rss_mib=float(peak) if peak is not None else None,
+        ram_ceiling_mib=float(settings.ram_ceiling_mb),
+        saved_activation_mib=saved,
+        saved_activation_mib_vanilla=saved_vanilla,
+        factory_accuracy=factory_acc,
+        holdout_samples=len(data.user_holdout),
+        device_train_windows=len(user),
+        train_steps=steps,
+        batch_size=settings.batch_size,
+        compression="hosvd",
+        epsilon=0.8,
+        broker=f"{'embedded amqtt' if options.broker is None else 'external'} {broker}",
+        seconds=timer.seconds,
+        paths={
+            "out_dir": str(out),
+            "bundle": str(bundle_dir),
+            "device_config": str(config_path),
+            "device_log": str(out / "device" / "device.log"),
+            "csv": str(csv_path),
+            "report": str(out / REPORT_FILE),
+            "summary": str(out / "demo-summary.json"),
+        },
+        device_report=report,
+        progress=progress,
+    )
+    plot_report(summary, out / REPORT_FILE)
+    write_summary(summary, out)
+    log.debug("Settings: %s", asdict(settings))
+    return summary
+
+
+def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> None:
+    """Wait until the device's status counts ``expected`` stored windows (the CSV replay is done)."""
+
+    def stored(payload: Any) -> bool:
+        return isinstance(payload, dict) and int(payload.get("samples", 0) or 0) >= expected
+
+    client.wait_for("status", stored, timeout_s, f"{expected} stored windows")
+
+
+__all__ = ["SETTINGS", "Options", "Summary", "run", "summary_text"]
