@@ -125,8 +125,22 @@ class DeviceClient:
             message = self._latest.get(topic)
         return message.payload if message else None
 
-    def wait_for(self, topic: str, predicate: Callable[[Any], bool], timeout_s: float, what: str = "") -> Any:
+    def wait_for(
+        self,
+        topic: str,
+        predicate: Callable[[Any], bool],
+        timeout_s: float,
+        what: str = "",
+        live: bool = False,
+    ) -> Any:
         """Block until the latest payload on ``topic`` satisfies ``predicate``.
+
+        Args:
+            topic: below the device base.
+            predicate: called with the parsed payload (under a lock: keep it short).
+            timeout_s: give up after this long.
+            what: for the error message.
+            live: ignore messages the broker delivered as retained (left from an earlier run).
 
         Raises:
             DeviceError: not within ``timeout_s`` (the message shows the last payload seen).
@@ -135,7 +149,7 @@ class DeviceClient:
         with self._lock:
             while True:
                 message = self._latest.get(topic)
-                if message is not None and predicate(message.payload):
+                if message is not None and not (live and message.retained) and predicate(message.payload):
                     return message.payload
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -146,20 +160,26 @@ class DeviceClient:
                     )
                 self._lock.wait(min(remaining, 0.5))
 
-    def wait_for_state(self, states: set[str], timeout_s: float) -> dict[str, Any]:
-        """Wait for the retained ``status`` to be in ``states``.
+    def wait_for_state(self, states: set[str], timeout_s: float, live: bool = False) -> dict[str, Any]:
+        """Wait for the ``status`` state to be one of ``states``.
+
+        Args:
+            states: acceptable states.
+            timeout_s: give up after this long.
+            live: only count status messages published while we listen (not a retained one from before).
 
         Raises:
-            DeviceError: timeout, or the device reports ``error``/``offline`` when that was not asked for.
+            DeviceError: timeout, or the device reports ``error`` (or a live ``offline``) when that was not
+                asked for.
         """
 
         def ok(payload: Any) -> bool:
             state = payload.get("state") if isinstance(payload, dict) else None
-            if state in ("error", "offline") and state not in states:
-                raise DeviceError(f"device {self.base} is {state}: {payload}")
+            if state == "error" and state not in states:
+                raise DeviceError(f"device {self.base} reports an error: {payload}")
             return state in states
 
-        return self.wait_for("status", ok, timeout_s, f"state {sorted(states)}")
+        return self.wait_for("status", ok, timeout_s, f"state {sorted(states)}", live=live)
 
     def messages(self, timeout_s: float) -> Message | None:
         """The next received message in arrival order, or ``None`` after ``timeout_s``."""
