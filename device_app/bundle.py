@@ -164,3 +164,24 @@ class Bundle:
         weights = self.get_weights()
         weights[name] = np.asarray(lr, dtype=np.float32).reshape(weights[name].shape)
         self.set_weights(weights)
+
+
+def resolve_bundle(bundles_dir: str | os.PathLike[str], name: str) -> Path:
+    """The directory of bundle ``name`` inside ``bundles_dir``.
+
+    ``name`` comes from a request or the config: it must be a plain name, and the resolved path (after
+    symlinks) must still lie inside ``bundles_dir``.
+
+    Raises:
+        BundleError: the name is not plain, escapes the directory, or names no directory.
+    """
+    root = Path(bundles_dir).resolve()
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise BundleError(f"bundle must be a plain name inside {root}, got {name!r}")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise BundleError(f"bundle {name!r} resolves to {path}, outside the bundles directory {root}")
+    if not path.is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise BundleError(f"no bundle {name!r} in {root}; available: {have}")
+    return path

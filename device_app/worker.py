@@ -55,7 +55,8 @@ def _run(job: Job, send: Any, stop: Any, parent: int) -> dict[str, Any]:
         from device_app import checkpoint
 
         newest = checkpoint.listing(checkpoint.bundle_dir(job.checkpoints_root, bundle.sha256))
-        return {"base_rss": rss_bytes(), "global_step": newest[0][0] if newest else 0}
+        return {"base_rss": rss_bytes(), "global_step": newest[0][0] if newest else 0,
+                "runtime": runtime_name(), "has_features": bundle.has_features}
     store = Store(job.db_path)
     try:
         if job.kind == "evaluate":

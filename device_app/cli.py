@@ -1,0 +1,163 @@
+"""``hosvd-device``: run the daemon, check a config file, or train once locally with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from device_app.config import DEFAULT_CONFIG, SECTIONS, Config, ConfigError, load_config
+from device_app.schema import describe
+from device_app.sources import SOURCE_TYPES, options_class
+
+log = logging.getLogger("device_app")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    from device_app.daemon import Daemon
+
+    return Daemon(cfg).run()
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"{cfg.path}: OK")
+    print(f"  device {cfg.device.id}, state in {cfg.state_dir}")
+    print(f"  broker {'mqtts' if cfg.mqtt.tls else 'mqtt'}://{cfg.mqtt.host}:{cfg.mqtt.port}, topics under "
+          f"{cfg.mqtt.base_topic}/{cfg.device.id}/")
+    print(f"  bundle {cfg.model.bundle} in {cfg.bundles_dir}")
+    print(f"  sources: {', '.join(f'{s.name} ({s.type})' for s in cfg.sources) or 'none'}")
+    print(f"  ram ceiling: {cfg.training.ram_ceiling_mb or 'none'} MiB")
+    return 0
+
+
+def _collect_first(cfg: Config, seconds: float) -> None:
+    """Run the autostart sources for ``seconds`` (or until they end) into the store."""
+    from device_app.bundle import resolve_bundle
+    from device_app.collector import Collector
+    from device_app.sources.base import SourceContext
+    from device_app.store import Store
+    from hosvd_contract import load_manifest
+
+    manifest = load_manifest(resolve_bundle(cfg.bundles_dir, cfg.model.bundle))
+    channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
+    store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
+    context = SourceContext(channels, manifest.input.rate_hz)
+    collector = Collector(cfg.sources, context, manifest.input.shape[0], store)
+    collector.autostart()
+    deadline = time.monotonic() + seconds
+    while collector.active() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    collector.stop()
+    log.info("Store now holds %s", store.counts())
+    store.close()
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    """One local training run on what the store holds, with a tqdm progress bar."""
+    import psutil
+    from tqdm import tqdm
+
+    from device_app.bundle import resolve_bundle
+    from device_app.jobs import Job
+    from device_app.plan import PlanError, choose_plan
+    from device_app.trainer import ChildError, run_job
+    from hosvd_contract import BundleError, load_manifest
+
+    t = cfg.training
+    try:
+        if args.collect_seconds:
+            _collect_first(cfg, args.collect_seconds)
+        path = resolve_bundle(cfg.bundles_dir, cfg.model.bundle)
+        manifest = load_manifest(path)
+        cfg.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        common = dict(bundle_dir=str(path), db_path=str(cfg.db_path),
+                      checkpoints_root=str(cfg.checkpoints_dir), threads=cfg.model.threads)
+        probe = run_job(Job("probe", **common))
+        plan = choose_plan(manifest, ceiling_mb=t.ram_ceiling_mb,
+                           daemon_bytes=psutil.Process().memory_info().rss,
+                           child_base_bytes=probe["base_rss"], margin_mb=t.safety_margin_mb,
+                           batch_size=args.batch_size or t.batch_size,
+                           streamed_ok=probe["has_features"] and cfg.store.feature_cache)
+        steps = args.steps or t.steps
+        job = Job("train", **common, plan=plan, steps=steps,
+                  learning_rate=args.learning_rate if args.learning_rate is not None else t.learning_rate,
+                  checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                  progress_every=1, rollback_tolerance=t.rollback_tolerance,
+                  feature_cache=cfg.store.feature_cache, seed=t.seed)
+        with tqdm(total=steps, unit="step", desc=f"train {cfg.model.bundle}", file=sys.stderr) as bar:
+
+            def progress(event: dict) -> None:
+                if event.get("event") == "progress":
+                    bar.n = event["step"]
+                    bar.set_postfix(loss=f"{event['loss']:.4f}", rss=f"{event['rss_mb']}MiB", refresh=False)
+                    bar.refresh()
+
+            result = run_job(job, plan.child_limit_bytes, t.rss_poll_s, progress)
+    except (BundleError, PlanError, ChildError, OSError) as err:
+        print(f"hosvd-device train: {err}", file=sys.stderr)
+        return 1
+    print(f"{result['status']}: {result['steps_done']} steps, loss {result['first_loss']:.4f} -> "
+          f"{result['final_loss']:.4f}, val {result['val_before']} -> {result['val_after']}, "
+          f"peak RSS {result['peak_rss_mb']} MiB, checkpoint {result['checkpoint']}")
+    if result["reason"]:
+        print(result["reason"])
+    return 0 if result["status"] == "ok" else 3
+
+
+def explain() -> str:
+    """The config reference as text (every key, type, default and meaning)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        lines += [f"  {k} ({t}, default {d}): {doc}" for k, t, d, doc in describe(cls)]
+    for kind in SOURCE_TYPES:
+        lines.append(f"[[sources]] type = \"{kind}\"")
+        lines += [f"  {k} ({t}, default {d}): {doc}" for k, t, d, doc in describe(options_class(kind))
+                  if k != "type"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hosvd-device", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon (foreground)")
+    run.add_argument("--config", default=DEFAULT_CONFIG)
+    check = sub.add_parser("check-config", help="validate a config file and print a summary")
+    check.add_argument("file", nargs="?", default=None)
+    check.add_argument("--config", default=None)
+    check.add_argument("--explain", action="store_true", help="print every key with its default")
+    train = sub.add_parser("train", help="one local training run (no MQTT) with a progress bar")
+    train.add_argument("--config", default=DEFAULT_CONFIG)
+    train.add_argument("--steps", type=int, default=0)
+    train.add_argument("--batch-size", type=int, default=0)
+    train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument("--collect-seconds", type=float, default=0.0,
+                       help="first run the autostart sources this long (or until they end)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config" and args.explain:
+        print(explain())
+        return 0
+    path = (args.file or args.config or DEFAULT_CONFIG) if args.command == "check-config" else args.config
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        print(f"hosvd-device: {err}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.device.log_level)
+    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train}[args.command]
+    return handler(cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""End to end against a real Mosquitto: CSV replay -> store -> train request -> child -> progress -> report ->
+checkpoint restored by a second daemon."""
+
+from __future__ import annotations
+
+import pytest
+
+from hosvd_contract import Manifest
+
+
+def _idle_with(n: int):  # noqa: ANN202 - predicate factory
+    return lambda p: isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] == n
+
+
+def test_train_over_mqtt_then_restart_restores_checkpoint(broker, client_factory, device_factory,
+                                                          imu_manifest: Manifest) -> None:
+    per_class = 16
+    n_windows = per_class * len(imu_manifest.labels)
+    dev = device_factory(broker.port, windows_per_class=per_class).start()
+    cl = client_factory(broker.port)
+    status = cl.wait("status", _idle_with(n_windows), timeout=60)
+    assert status["bundle"] == "imu_hosvd" and status["global_step"] == 0
+    assert set(status["samples"]["by_label"]) == set(imu_manifest.labels)
+
+    answer = cl.request("train", {"transaction": "tx-42", "steps": 40})
+    assert answer == {"transaction": "tx-42", "status": "ok", "data": answer["data"]}
+    assert answer["data"]["accepted"] is True and answer["data"]["steps"] == 40
+
+    report = cl.wait("report", lambda p: p.get("transaction") == "tx-42", timeout=120)
+    progress = [p for p in cl.all("progress") if p.get("transaction") == "tx-42"]
+    assert [p["step"] for p in progress][:2] == [1, 5] and progress[-1]["step"] == 40
+    assert all(p["total"] == 40 and p["rss_mb"] > 0 and p["loss"] > 0 for p in progress)
+    assert report["status"] == "ok", report
+    assert report["steps_done"] == 40 and report["global_step"] == 40
+    assert report["final_loss"] < report["first_loss"]
+    assert report["peak_rss_mb"] > 0 and report["n_train"] + report["n_val"] == n_windows
+    assert report["checkpoint"] == "ckpt-000000040.npz"
+
+    status = cl.request("status")
+    assert status["status"] == "ok" and status["data"]["global_step"] == 40
+    assert status["data"]["state"] == "idle"
+    first = cl.request("evaluate", {"split": "all"})
+    assert first["status"] == "ok", first
+    assert first["data"]["n"] == n_windows and first["data"]["global_step"] == 40
+    assert 0.0 <= first["data"]["accuracy"] <= 1.0
+
+    assert dev.stop() == 0
+    assert cl.wait("status", lambda p: p.get("state") == "offline")["global_step"] == 40
+
+    dev.doc["sources"][0]["autostart"] = False  # same data on the second start
+    dev.rewrite()
+    dev.start()
+    cl2 = client_factory(broker.port)
+    status = cl2.wait("status", _idle_with(n_windows), timeout=60)
+    assert status["global_step"] == 40
+    again = cl2.request("evaluate", {"split": "all"})
+    assert again["data"]["global_step"] == 40
+    assert again["data"]["loss"] == pytest.approx(first["data"]["loss"], rel=1e-5)
+    assert again["data"]["accuracy"] == first["data"]["accuracy"]
+    # the retained report survives for late subscribers
+    assert cl2.wait("report", lambda p: p.get("transaction") == "tx-42")["global_step"] == 40
