@@ -1,0 +1,28 @@
+"""``none``: save the activation as is — the vanilla baseline."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from converter.compression.factored import Factored
+
+
+class Vanilla:
+    """Keeps the whole activation; no state, no ranks."""
+
+    method = "none"
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self.ranks: list[int | None] = [None] * len(shape)
+
+    def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
+        return Factored.whole(x), []
+
+    def saved_elements(self) -> int:
+        return math.prod(self.shape)
+
+    def variables(self) -> dict[str, tf.Variable]:
+        return {}

@@ -1,0 +1,33 @@
+"""Rank rules shared by the methods and the manifest (numpy only: used on calibration data at conversion)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rank_from_energy(sigma2: np.ndarray, eps: float) -> int:
+    """The paper's rule: smallest k with Σ_{i≤k} σ²_i / Σσ² ≥ ε (σ² sorted descending)."""
+    sigma2 = np.sort(np.asarray(sigma2, dtype=np.float64))[::-1]
+    total = sigma2.sum()
+    if total <= 0:
+        return 1
+    share = np.cumsum(sigma2) / total
+    return int(min(np.searchsorted(share, eps - 1e-12) + 1, len(sigma2)))
+
+
+def mode_spectrum(x: np.ndarray, mode: int) -> np.ndarray:
+    """Squared singular values of the mode-n unfolding of ``x`` (descending)."""
+    unfolded = np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
+    return np.linalg.svd(unfolded, compute_uv=False) ** 2
+
+
+def mode_basis(x: np.ndarray, mode: int, rank: int) -> np.ndarray:
+    """Leading ``rank`` left singular vectors of the mode-n unfolding, float32 (I_n, rank)."""
+    unfolded = np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
+    u, _, _ = np.linalg.svd(unfolded, full_matrices=False)
+    return u[:, :rank].astype(np.float32)
+
+
+def eps_ranks(x: np.ndarray, eps: float, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[int]:
+    """ε-rank of each listed mode of ``x`` (the reference HOSVD's choice)."""
+    return [rank_from_energy(mode_spectrum(x, m), eps) for m in modes]

@@ -1,0 +1,219 @@
+"""The exported ``tf.Module``: signatures whose graphs are the explicit train step, built from the layer modules.
+
+``train`` = frozen prefix (constants) -> trainable suffix forward (saving compressed inputs) -> loss gradient
+-> suffix backward in reverse -> optimizer updates. No GradientTape anywhere, so the graph lowers to builtin
+TFLite ops only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from converter.compression import Method
+from converter.compression.asi import Asi
+from converter.compression.hosvd import Hosvd
+from converter.compression.none import Vanilla
+from converter.compression.svd import BatchSvd
+from converter.graph import FALLBACK, Graph, Split
+from converter.layers import module_for
+from converter.layers.base import INFERENCE, ForwardContext, Node
+from converter.losses import LOSSES, Loss
+from converter.optimizers import OptimizerConfig, apply
+from hosvd_contract import Sig, WeightSpec
+
+COMPRESSIBLE = ("Conv2D", "Conv1D", "DepthwiseConv2D")
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    method: Method = Method.HOSVD
+    epsilon: float = 0.8
+    max_rank: int = 16
+    iters: int = 2
+
+
+def weight_name(layer: str, role: str) -> str:
+    """A signature-safe tensor name for ``layer``/``role`` (letters, digits, underscores)."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", f"{layer}__{role}".replace("optimizer:", "").replace("compression:", ""))
+
+
+def saved_shape(node: Node, batch: int) -> tuple[int, ...]:
+    """Shape of the 4-D activation a compressible layer saves (Conv1D's is (B, 1, L, C))."""
+    shape = node.in_shapes[0]
+    return (batch, 1, *shape) if len(shape) == 2 else (batch, *shape)
+
+
+class TrainingModule(tf.Module):
+    """Variables for the trainable weights, optimizer and compression state; constants for everything frozen."""
+
+    def __init__(self, graph: Graph, split: Split, loss: Loss, optimizer: OptimizerConfig,
+                 compression: CompressionSettings, batch_sizes: list[int],
+                 asi_ranks: dict[str, list[int | None]] | None = None,
+                 calibration: dict[str, np.ndarray] | None = None):
+        super().__init__(name="hosvd_edge")
+        self.graph, self.split, self.loss, self.opt = graph, split, loss, optimizer
+        self.compression, self.batch_sizes = compression, batch_sizes
+        self.weight_specs: list[WeightSpec] = []
+        self._vars: list[tf.Variable] = []
+        self.trainable_vars: dict[str, dict[str, tf.Variable]] = {}
+        self.slots: dict[str, dict[str, tf.Variable]] = {}  # keyed 'node/role'
+        for node in split.trainable:
+            self.trainable_vars[node.name] = {
+                role: self._add_var(node.layer, role, value) for role, value in node.weights.items()}
+        for node in split.trainable:
+            for role, var in self.trainable_vars[node.name].items():
+                self.slots[f"{node.name}/{role}"] = {
+                    slot: self._add_var(node.layer, f"optimizer:{slot}", np.zeros(var.shape, np.float32),
+                                        name=weight_name(node.layer, f"{role}__{slot}"))
+                    for slot in optimizer.slots()}
+        self.lr = self._add_var("", "optimizer:learning_rate", np.float32(optimizer.learning_rate),
+                                name="optimizer__learning_rate")
+        self.step = self._add_var("", "optimizer:step", np.float32(0), name="optimizer__step")
+        self.compressors: dict[str, object] = {}  # keyed 'node@batch'
+        for batch in batch_sizes:
+            for node in split.trainable:
+                if node.keras_type in COMPRESSIBLE:
+                    self.compressors[f"{node.name}@{batch}"] = self._compressor(node, batch, asi_ranks, calibration)
+
+    # -- construction -------------------------------------------------------------------------------------
+    def _add_var(self, layer: str, role: str, value, name: str | None = None) -> tf.Variable:
+        name = name or weight_name(layer, role)
+        var = tf.Variable(np.asarray(value, np.float32), name=name)
+        self._vars.append(var)
+        self.weight_specs.append(WeightSpec(name=name, layer=layer, role=role, shape=list(var.shape)))
+        return var
+
+    def _compressor(self, node: Node, batch: int, asi_ranks, calibration):
+        shape = saved_shape(node, batch)
+        c = self.compression
+        if c.method == Method.NONE:
+            return Vanilla(shape)
+        if c.method == Method.SVD:
+            return BatchSvd(shape, c.epsilon, c.max_rank, c.iters)
+        if c.method == Method.HOSVD:
+            return Hosvd(shape, c.epsilon, c.max_rank, c.iters)
+        suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
+        ranks = list(asi_ranks[node.name])
+        calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
+        if ranks[0] is not None:
+            ranks[0] = min(ranks[0], batch)
+        asi = Asi(shape, ranks, calib, name=weight_name(node.layer, "asi") + suffix)
+        for role, var in asi.variables().items():
+            self._vars.append(var)
+            self.weight_specs.append(WeightSpec(name=var.name.split(":")[0], layer=node.layer, role=role,
+                                                shape=list(var.shape)))
+        return asi
+
+    # -- graph pieces -------------------------------------------------------------------------------------
+    def _params(self, node: Node) -> dict:
+        if node.name in self.trainable_vars:
+            return dict(self.trainable_vars[node.name])
+        return frozen_params(node)
+
+    def _run(self, nodes: list[Node], tensors: dict[int, tf.Tensor], ctx_for) -> dict[str, object]:
+        return run_nodes(nodes, tensors, self._params, ctx_for)
+
+    def prefix(self, x: tf.Tensor) -> tf.Tensor:
+        tensors = {self.graph.input_id: x}
+        self._run(self.split.prefix, tensors, lambda node: INFERENCE)
+        return tensors[self.split.features]
+
+    def _suffix_inference(self, features: tf.Tensor) -> tf.Tensor:
+        tensors = {self.split.features: features}
+        self._run(self.split.suffix, tensors, lambda node: INFERENCE)
+        return tensors[self.graph.output]
+
+    def _outputs(self, logits: tf.Tensor) -> tf.Tensor:
+        return tf.nn.softmax(logits) if self.graph.final_softmax else logits
+
+    def evaluate_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        loss, _, correct = LOSSES[self.loss](self._suffix_inference(features), y)
+        return {Sig.LOSS: loss, Sig.CORRECT: correct}
+
+    def infer_from_features(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {Sig.OUTPUT: self._outputs(self._suffix_inference(features))}
+
+    def train_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One optimizer step; returns the loss and the number correct *before* the update."""
+        batch = features.shape[0]
+        state_updates: list = []
+
+        def compress(node: Node, x: tf.Tensor):
+            factored, updates = self.compressors[f"{node.name}@{batch}"].compress(x)
+            state_updates.extend(updates)
+            return factored
+
+        training = ForwardContext(training=True, compress=compress)
+        needs_grad = self.split.needs_grad
+        tensors = {self.split.features: features}
+        saved = self._run(self.split.suffix, tensors,
+                          lambda node: training if node.output in needs_grad else INFERENCE)
+        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
+        weight_grads = self._backward(saved, dlogits)
+        step = self.step + 1.0
+        updates = [self.step.assign(step), *state_updates]
+        for node in self.split.trainable:
+            for role, var in self.trainable_vars[node.name].items():
+                updates += apply(self.opt, var, weight_grads[node.name][role], self.slots[f"{node.name}/{role}"],
+                                 self.lr, step)
+        with tf.control_dependencies(updates):
+            return {Sig.LOSS: tf.identity(loss), Sig.CORRECT: tf.identity(correct)}
+
+    def _backward(self, saved: dict, dlogits: tf.Tensor) -> dict[str, dict[str, tf.Tensor]]:
+        needs_grad = self.split.needs_grad
+        grads = {self.graph.output: dlogits}
+        weight_grads = {}
+        for node in reversed(self.split.suffix):
+            if node.output not in needs_grad or node.output not in grads:
+                continue
+            dy = grads.pop(node.output)
+            wants = [t in needs_grad for t in node.inputs]
+            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), saved[node.name], dy, any(wants))
+            for tensor_id, dx, want in zip(node.inputs, dxs, wants, strict=True):
+                if want and dx is not None:
+                    grads[tensor_id] = grads[tensor_id] + dx if tensor_id in grads else dx
+            if node.trainable:
+                weight_grads[node.name] = wgrads
+        return weight_grads
+
+    def get_weights(self) -> dict[str, tf.Tensor]:
+        return {spec.name: tf.identity(var) for spec, var in zip(self.weight_specs, self._vars, strict=True)}
+
+    def set_weights(self, *values: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Assign every variable, in ``weight_specs`` order (the signature names the inputs)."""
+        updates = [var.assign(value) for var, value in zip(self._vars, values, strict=True)]
+        with tf.control_dependencies(updates):
+            return {Sig.OK: tf.constant(1, tf.int32)}
+
+
+def frozen_params(node: Node) -> dict[str, tf.Tensor]:
+    """A node's weights as constants (frozen layers, calibration)."""
+    return {role: tf.constant(value) for role, value in node.weights.items()}
+
+
+def run_nodes(nodes: list[Node], tensors: dict[int, tf.Tensor], params_for, ctx_for) -> dict[str, object]:
+    """Forward ``nodes`` in order, reading inputs from and writing outputs to ``tensors`` (by tensor id).
+
+    Returns what each node saved for its backward pass, by node name.
+    """
+    saved = {}
+    for node in nodes:
+        xs = [tensors[i] for i in node.inputs]
+        if node.kind == FALLBACK:
+            tensors[node.output] = _keras_forward(node, xs[0])
+            continue
+        tensors[node.output], saved[node.name] = module_for(node.kind).forward(node, params_for(node), xs,
+                                                                               ctx_for(node))
+    return saved
+
+
+def _keras_forward(node: Node, x: tf.Tensor) -> tf.Tensor:
+    """A frozen-prefix layer hosvd-edge has no rule for: run Keras' own forward (inference mode)."""
+    if "activation" in node.config:
+        return keras.activations.get(node.config["activation"])(x)
+    return node.config["layer"](x, training=False)

@@ -1,0 +1,112 @@
+"""Conv2D: forward, backward (input and weight gradients) and saved-activation size.
+
+Saves its input (through the compression method) for the weight gradient. The weight gradient is KH·KW
+shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is a
+TRANSPOSE_CONV, or for dilated kernels a full correlation with the flipped kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from converter import ops
+from converter.compression.factored import Factored, expand_spatial, lift_channels, project_batch
+from converter.errors import ConversionError
+from converter.layers.base import ForwardContext, Node
+
+WEIGHTED = True
+
+
+def spatial_config(node_name: str, in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides, dilation,
+                   padding: str) -> dict:
+    """Explicit pads and output size for a 2-D window op ('valid', 'same' or 'causal' along the width)."""
+    strides, dilation = tuple(strides), tuple(dilation)
+    if padding == "valid":
+        pads = ((0, 0), (0, 0))
+    elif padding == "same":
+        pads = (ops.same_pads(in_hw[0], kernel_hw[0], strides[0], dilation[0]),
+                ops.same_pads(in_hw[1], kernel_hw[1], strides[1], dilation[1]))
+    elif padding == "causal":
+        pads = ((0, 0), ((kernel_hw[1] - 1) * dilation[1], 0))
+    else:
+        raise ConversionError(f"layer {node_name!r}: padding {padding!r} is not supported")
+    out_hw = tuple(ops.out_size(in_hw[a], kernel_hw[a], strides[a], dilation[a], pads[a]) for a in range(2))
+    return {"kernel_hw": tuple(kernel_hw), "strides": strides, "dilation": dilation, "pads": pads,
+            "in_hw": tuple(in_hw), "out_hw": out_hw}
+
+
+def parse(layer, node: Node) -> None:
+    if getattr(layer, "groups", 1) != 1:
+        raise ConversionError(f"layer {layer.name!r} (Conv2D): grouped convolution (groups={layer.groups}) "
+                              "is not supported")
+    kernel = layer.kernel.numpy()
+    node.config = spatial_config(layer.name, node.in_shapes[0][:2], kernel.shape[:2], layer.strides,
+                                 layer.dilation_rate, layer.padding)
+    node.weights = {"kernel": kernel}
+    if layer.use_bias:
+        node.weights["bias"] = layer.bias.numpy()
+
+
+def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
+    xp = ops.pad_hw(x, cfg["pads"])
+    return tf.nn.conv2d(xp, kernel, strides=cfg["strides"], padding="VALID", dilations=cfg["dilation"])
+
+
+def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
+    y = conv(xs[0], params["kernel"], node.config)
+    if "bias" in params:
+        y = y + params["bias"]
+    return y, ctx.save_input(node, xs[0])
+
+
+def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad) -> tf.Tensor:
+    """Per kernel tap, ``tap_grad(window (N, K_C), dy (N, C_out)) -> (C, ·)``, stacked to (KH, KW, C, ·).
+
+    ``dy`` is first projected on the batch factor and the core expanded over H and W, so the activation is
+    never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W).
+    """
+    dy_b = ops.flatten_rows(project_batch(saved, dy))
+    zp = ops.pad_hw(expand_spatial(saved), cfg["pads"])
+    kh, kw = cfg["kernel_hw"]
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = ops.flatten_rows(ops.shifted_window(zp, i, j, cfg["out_hw"], cfg["strides"], cfg["dilation"]))
+            taps.append(tap_grad(window, dy_b))
+    grads = tf.stack(taps)
+    return tf.reshape(grads, [kh, kw, *grads.shape[1:]])
+
+
+def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
+    """dL/dkernel (KH, KW, C_in, C_out) from the saved factors."""
+    return weight_grad_taps(saved, dy, cfg,
+                            lambda window, dy_b: lift_channels(saved, tf.matmul(window, dy_b, transpose_a=True)))
+
+
+def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
+    """dL/dx (B, H, W, C_in)."""
+    (pt, pb), (pl, pr) = cfg["pads"]
+    h, w = cfg["in_hw"]
+    if cfg["dilation"] == (1, 1):
+        shape = [dy.shape[0], h + pt + pb, w + pl + pr, kernel.shape[2]]
+        dxp = tf.nn.conv2d_transpose(dy, kernel, shape, strides=cfg["strides"], padding="VALID")
+        return dxp[:, pt: pt + h, pl: pl + w, :]
+    flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+    return ops.input_grad_via_correlation(
+        dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
+        lambda t: tf.nn.conv2d(t, flipped, strides=1, padding="VALID", dilations=cfg["dilation"]))
+
+
+def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: bool):
+    grads = {"kernel": weight_grad(saved, dy, node.config)}
+    if "bias" in params:
+        grads["bias"] = tf.reduce_sum(dy, axis=[0, 1, 2])
+    dx = input_grad(dy, params["kernel"], node.config) if need_dx else None
+    return [dx], grads
+
+
+def saved_bytes(node: Node, batch: int) -> int:
+    """Vanilla saved activation: the whole float32 input (B, H, W, C_in)."""
+    return 4 * batch * math.prod(node.in_shapes[0])
