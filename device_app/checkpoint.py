@@ -92,10 +92,27 @@ def prune(directory: str | os.PathLike[str], keep: int) -> None:
     root = Path(directory)
     for _, path in listing(root)[keep:]:
         path.unlink(missing_ok=True)
-    for tmp in root.glob(".ckpt-*.tmp"):
+    remove_stale_temp(root)
+
+
+def _running(pid: int) -> bool:
+    """True when ``pid`` is a live process (a zombie left by a killed writer does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def remove_stale_temp(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files left by writers that died mid-write (their pid is gone); return them."""
+    removed = []
+    for tmp in Path(directory).glob(".ckpt-*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists() or int(pid) == os.getpid():
+        if not pid.isdigit() or not _running(int(pid)):
             tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def read(path: Path) -> Checkpoint:

@@ -110,6 +110,9 @@ class Daemon:
         self.bundle_name, self.bundle_path, self.manifest, self.probe = name, path, manifest, probe
         self.bundle_error = None
         dropped = self.store.invalidate_features(manifest.sha256)
+        ckpt_dir = checkpoint.bundle_dir(self.cfg.checkpoints_dir, manifest.sha256)
+        for tmp in checkpoint.remove_stale_temp(ckpt_dir):
+            log.warning("Removed %s, a checkpoint whose writing was interrupted", tmp.name)
         log.info("Loaded bundle %s (%s, sha256 %s…, %s; child base RSS %.1f MiB, checkpoint step %d; "
                  "%d stale cached features dropped)", name, manifest.model_name, manifest.sha256[:12],
                  probe.get("runtime", "?"), probe["base_rss"] / 2**20, probe["global_step"], dropped)

@@ -131,7 +131,7 @@ class Client:
 
     def wait(self, suffix: str, pred: Callable[[Any], bool] = lambda p: True, timeout: float = 30.0,
              start: int = 0) -> Any:
-        """The first payload on ``<base>/<suffix>`` (from index ``start`` of what was seen) matching ``pred``."""
+        """The first payload on ``<base>/<suffix>`` matching ``pred``, from index ``start`` of ``seen``."""
         topic = f"{self.base}/{suffix}"
         deadline = time.monotonic() + timeout
         i = start
@@ -192,6 +192,7 @@ def _bundles_root(tmp_factory: pytest.TempPathFactory) -> Path:
         return Path(env)
     try:
         import tensorflow  # noqa: F401
+
         from tests import build_bundles  # noqa: F401
     except ImportError as err:
         pytest.skip(f"no test bundle: set HOSVD_TEST_BUNDLES (make test does) or install TensorFlow ({err})")
@@ -214,7 +215,8 @@ def imu_manifest(imu_bundle: Path) -> Manifest:
 # --- sensor data and config --------------------------------------------------------------------------------
 
 
-def class_signal(k: int, n: int, channels: int, rng: np.random.Generator, rate_hz: float = 50.0) -> np.ndarray:
+def class_signal(k: int, n: int, channels: int, rng: np.random.Generator,
+                 rate_hz: float = 50.0) -> np.ndarray:
     """``(n, channels)`` samples of class ``k``: a sine of (k+1)·1.5 Hz, amplitude 1+k/2, plus noise 0.1."""
     t = np.arange(n) / rate_hz
     phase = rng.uniform(0, 2 * np.pi, channels)
@@ -224,7 +226,7 @@ def class_signal(k: int, n: int, channels: int, rng: np.random.Generator, rate_h
 
 def write_csvs(directory: Path, manifest: Manifest, windows_per_class: int, seed: int = 0,
                label_column: bool = True) -> Path:
-    """Edge Impulse style CSVs, one per class: ``timestamp`` (ms) + one column per model channel + ``label``."""
+    """Edge Impulse style CSVs, one per class: ``timestamp`` (ms), one column per channel, ``label``."""
     directory.mkdir(parents=True, exist_ok=True)
     length, n_ch = manifest.input.shape[0], manifest.input.shape[-1]
     channels = manifest.input.channels or [f"ch{i}" for i in range(n_ch)]
@@ -289,8 +291,8 @@ class Device:
     def start(self, env: dict[str, str] | None = None) -> Device:
         self.log_path = self.state_dir.parent / f"daemon-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "device_app", "run", "--config", str(self.config)],
-                                     cwd=REPO, stdout=log, stderr=log, start_new_session=True,
+        cmd = [sys.executable, "-m", "device_app", "run", "--config", str(self.config)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         return self
 
@@ -323,7 +325,8 @@ class Device:
 
 
 @pytest.fixture
-def device_factory(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest) -> Iterator[Callable[..., Device]]:
+def device_factory(tmp_path: Path, imu_bundle: Path,
+                   imu_manifest: Manifest) -> Iterator[Callable[..., Device]]:
     """``make(broker_port, **sections)`` writes a config for a daemon with a CSV replay source."""
     made: list[Device] = []
 

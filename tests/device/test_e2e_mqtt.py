@@ -8,7 +8,7 @@ import pytest
 from hosvd_contract import Manifest
 
 
-def _idle_with(n: int):  # noqa: ANN202 - predicate factory
+def _idle_with(n: int):
     return lambda p: isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] == n
 
 

@@ -1,0 +1,99 @@
+"""Malformed requests against a running daemon: each gets an error response naming the problem, the daemon
+stays up, and nothing stored is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+def _idle(p: object) -> bool:
+    return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0
+
+
+def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, client_factory, device_factory,
+                                                                    tmp_path) -> None:
+    dev = device_factory(broker.port, mqtt={"max_payload_bytes": 1024}).start()
+    cl = client_factory(broker.port)
+    before = cl.wait("status", _idle, timeout=60)["samples"]
+    outside = tmp_path / "outside_bundle"
+    shutil.copytree(dev.state_dir / "bundles" / "imu_hosvd", outside)
+    os.symlink(outside, dev.state_dir / "bundles" / "escape")
+
+    cases = [
+        ("train", b"{not json", "payload is not valid JSON"),
+        ("train", b"[1, 2]", "must be a table/object, got list"),
+        ("explode", b"{}", "unknown command 'explode'"),
+        ("train", b'{"transaction": "t-types", "steps": "many"}', "steps: must be an integer, got 'many'"),
+        ("train", b'{"steps": -3}', "steps: must be >= 1"),
+        ("train", b'{"epochs": 3}', "unknown key 'epochs'"),
+        ("train", b'{"steps": 1, "pad": "' + b"x" * 2000 + b'"}', "payload is 2023 bytes, the limit is 1024"),
+        ("train", b'{"batch_size": 7}', "batch_size 7 is not in the bundle"),
+        ("reload", b'{"bundle": "../../etc"}', "bundle: must match"),
+        ("reload", b'{"bundle": "/etc/passwd"}', "bundle: must match"),
+        ("reload", b'{"bundle": "escape"}', "outside the bundles directory"),
+        ("reload", b'{"bundle": "missing"}', "no bundle 'missing'"),
+        ("label", b'{"label": "no-such-class", "last": 1}', "is not one of the bundle's labels"),
+        ("label", b'{"label": "x", "ids": [1], "last": 2}', "give exactly one of ids or last"),
+        ("collect", b'{"action": "pause"}', "action: must be one of ['start', 'stop']"),
+        ("collect", b'{"action": "start", "sources": ["nope"]}', "unknown sources ['nope']"),
+        ("stop", b"{}", "nothing to stop"),
+        ("evaluate", b'{"split": "test"}', "split: must be one of"),
+    ]
+    for command, payload, expected in cases:
+        mark = len(cl.seen)
+        cl.publish(f"request/{command}", payload)
+        answer = cl.wait(f"response/{command}", start=mark)
+        assert answer["status"] == "error", (command, payload[:60], answer)
+        assert expected in answer["error"], (command, payload[:60], answer["error"])
+    # a readable transaction is echoed even when the request is invalid
+    assert [p for p in cl.all("response/train") if p.get("transaction") == "t-types"]
+
+    assert dev.alive()
+    status = cl.request("status")
+    assert status["status"] == "ok" and status["data"]["samples"] == before
+    assert status["data"]["bundle"] == "imu_hosvd"
+
+
+def test_mqtt5_response_topic_and_correlation_data_are_honoured(broker, client_factory, device_factory) -> None:
+    device_factory(broker.port).start()
+    cl = client_factory(broker.port)
+    cl.wait("status", _idle, timeout=60)
+    reply_topic = f"replies/{uuid.uuid4().hex[:6]}"
+    got: list[paho.MQTTMessage] = []
+    cl.c.message_callback_add(reply_topic, lambda c, u, m: got.append(m))
+    cl.c.subscribe(reply_topic, qos=1)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = b"corr-123"
+    cl.c.publish("hosvd-edge/dev1/request/status", b'{"transaction": 7}', qos=1, properties=props)
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got, "no response on the MQTT 5 response topic"
+    assert got[0].properties.CorrelationData == b"corr-123"
+    assert b'"transaction":7' in got[0].payload and b'"status":"ok"' in got[0].payload
+
+
+def test_reload_switches_bundle_by_name(broker, client_factory, device_factory) -> None:
+    dev = device_factory(broker.port)
+    shutil.copytree(dev.state_dir / "bundles" / "imu_hosvd", dev.state_dir / "bundles" / "imu_v2")
+    dev.start()
+    cl = client_factory(broker.port)
+    cl.wait("status", _idle, timeout=60)
+    answer = cl.request("reload", {"bundle": "imu_v2"})
+    assert answer["status"] == "ok", answer
+    assert answer["data"]["bundle"] == "imu_v2"
+    assert cl.wait("status", lambda p: p.get("bundle") == "imu_v2")["state"] in ("idle", "collecting")
+    # a tampered bundle is refused with the hash message, and the loaded one stays
+    model = dev.state_dir / "bundles" / "imu_hosvd" / "model.tflite"
+    model.write_bytes(model.read_bytes() + b"\0")
+    answer = cl.request("reload", {"bundle": "imu_hosvd"})
+    assert answer["status"] == "error" and "sha256" in answer["error"]
+    assert cl.request("status")["data"]["bundle"] == "imu_v2"
