@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import ssl
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -143,7 +144,9 @@ class MqttLink:
         self.on_connected()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}"
+        # paho calls this inside its `except OSError` block: the exception says why (refused, TLS, DNS).
+        err = sys.exc_info()[1]
+        self.last_error = f"cannot reach broker {self.cfg.host}:{self.cfg.port}" + (f": {err}" if err else "")
         log.warning("%s; retrying with backoff up to %.0f s", self.last_error, self.cfg.reconnect_max_s)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

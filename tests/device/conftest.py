@@ -8,6 +8,7 @@ tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import queue
@@ -66,7 +67,9 @@ class Broker:
 
     def start(self) -> Broker:
         conf = self.workdir / f"mosquitto-{self.port}.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", *self.extra]
+        # `user`: a root mosquitto would drop to user "mosquitto", who cannot read files under the test's tmp.
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "persistence false",
+                 "log_dest stderr", *self.extra]
         if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.extra):
             lines.append("allow_anonymous true")
         conf.write_text("\n".join(lines) + "\n")
@@ -358,3 +361,36 @@ def device_factory(tmp_path: Path, imu_bundle: Path,
     yield make
     for dev in made:
         dev.stop()
+
+
+# --- security ----------------------------------------------------------------------------------------------
+
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost signed by it (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt, ext = directory / "server.key", directory / "server.csr", directory / "server.crt", \
+        directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
+            "-days", "2", "-subj", "/CN=hosvd-edge test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj",
+            "/CN=localhost")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    return {"ca": ca_crt, "cert": crt, "key": key}
+
+
+def make_password_file(directory: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password file (hashed with mosquitto_passwd)."""
+    path = directory / "passwords"
+    for i, (user, password) in enumerate(users.items()):
+        flags = ["-c"] if i == 0 else []
+        subprocess.run(["mosquitto_passwd", "-b", *flags, str(path), user, password], check=True,
+                       capture_output=True)
+    return path
