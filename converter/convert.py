@@ -269,7 +269,7 @@ def convert(
         train_last=train_last,
         train_signatures=[TrainSignature(b, Sig.train_name(b, default_batch),
                                          Sig.train_name(b, default_batch, from_features=True)) for b in batch_sizes],
-        weights=module.weight_specs,
+        weights=list(module.weight_specs),
         layers=_layer_infos(graph, sp, module, default_batch, calibrated),
         memory_plan=plan,
         op_census=op_census(flatbuffer),

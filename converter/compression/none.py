@@ -21,7 +21,7 @@ class Vanilla:
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
         return Factored.whole(x), []
 
-    def saved_elements(self) -> int:
+    def saved_elements(self, ranks: list[int | None] | None = None) -> int:
         return math.prod(self.shape)
 
     def variables(self) -> dict[str, tf.Variable]:
