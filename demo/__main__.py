@@ -24,9 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="basicmotions",
         help="basicmotions (smartwatch IMU, default) or digits (8x8 images)",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("demo-out"), help="output directory (default demo-out)"
-    )
+    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (default demo-out)")
     parser.add_argument(
         "--broker",
         type=parse_broker,

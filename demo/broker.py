@@ -82,9 +82,7 @@ def wait_until_connectable(
     last_error = "no attempt"
     while time.monotonic() < deadline:
         if child is not None and child.poll() is not None:
-            raise RuntimeError(
-                f"the MQTT broker exited with code {child.returncode} before accepting connections"
-            )
+            raise RuntimeError(f"the MQTT broker exited with code {child.returncode} before accepting connections")
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-probe-{uuid.uuid4().hex[:8]}")
         try:
             client.connect(address.host, address.port, keepalive=5)

@@ -207,9 +207,7 @@ def write_edge_impulse_csv(
     """
     windows = np.asarray(windows)
     if windows.ndim != 3 or windows.shape[2] != len(channels):
-        raise ValueError(
-            f"windows must be (N, L, {len(channels)}) for channels {channels}, got {windows.shape}"
-        )
+        raise ValueError(f"windows must be (N, L, {len(channels)}) for channels {channels}, got {windows.shape}")
     if labels is not None and len(labels) != len(windows):
         raise ValueError(f"need one label per window: {len(windows)} windows, {len(labels)} labels")
     out = Path(path)

@@ -100,9 +100,7 @@ def stop_group(proc: subprocess.Popen, name: str, timeout_s: float = 15.0) -> No
     try:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
-        log.warning(
-            "%s (pid %d) did not stop within %.0f s; killing its process group", name, proc.pid, timeout_s
-        )
+        log.warning("%s (pid %d) did not stop within %.0f s; killing its process group", name, proc.pid, timeout_s)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -110,13 +108,14 @@ def stop_group(proc: subprocess.Popen, name: str, timeout_s: float = 15.0) -> No
 
 @contextlib.contextmanager
 def device_process(config: Path, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run the device daemon for the duration of the ``with`` block, its output going to ``log_path``.
+    """Run the device daemon for the duration of the ``with`` block, its output going to ``log_path``
+    (overwritten).
 
     Yields:
         The running process.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
+    with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             device_command(config),
             stdin=subprocess.DEVNULL,

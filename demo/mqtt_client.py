@@ -89,9 +89,7 @@ class DeviceClient:
         self._client.loop_start()
         if not self._connected.wait(timeout_s):
             self.close()
-            raise DeviceError(
-                f"could not connect to the MQTT broker at {self.broker} within {timeout_s:.0f} s"
-            )
+            raise DeviceError(f"could not connect to the MQTT broker at {self.broker} within {timeout_s:.0f} s")
 
     def close(self) -> None:
         """Disconnect and stop the network thread (safe to call twice)."""

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEVICE_ID = "demo-watch"
 BASE_TOPIC = "hosvd-edge"
 MIB = float(1 << 20)
+VAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ SETTINGS: dict[str, Settings] = {
         batch_size=8,
         optimizer="adam",
         learning_rate=1e-2,
-        steps=60,
-        fast_steps=30,
-        ram_ceiling_mb=512,
+        steps=150,
+        fast_steps=40,
+        ram_ceiling_mb=192,
     ),
     "digits": Settings(
         factory_fraction=0.5,
@@ -70,9 +71,9 @@ SETTINGS: dict[str, Settings] = {
         batch_size=16,
         optimizer="adam",
         learning_rate=3e-3,
-        steps=120,
+        steps=150,
         fast_steps=40,
-        ram_ceiling_mb=512,
+        ram_ceiling_mb=192,
     ),
 }
 
@@ -200,8 +201,8 @@ def convert_bundle(model: Any, data: DemoData, settings: Settings, bundle_dir: P
         input_spec=input_spec,
         labels=factory.labels,
         calibration_data=calibration,
-        measure=True,
-        progress=False,
+        measure_memory=True,
+        progress=lambda stage: log.info("convert: %s", stage),
     )
 
 
@@ -215,20 +216,14 @@ def saved_activation_mib(manifest: Any) -> tuple[float, float]:
 
 
 def device_config(
-    out: Path,
-    broker: BrokerAddress,
-    protocol: str,
-    bundle_name: str,
-    csv_path: Path,
-    settings: Settings,
-    steps: int,
-) -> dict[str, Any]:
-    """The device's config sections and sources (see ``docs/device.md`` for every key)."""
-    sections = {
+    out: Path, broker: BrokerAddress, protocol: str, bundle_name: str, settings: Settings, steps: int
+) -> dict[str, dict[str, Any]]:
+    """The device's config sections (see ``docs/device.md`` for every key); sources are added separately."""
+    return {
         "device": {"id": DEVICE_ID, "state_dir": str(out / "device" / "state"), "log_level": "INFO"},
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE_TOPIC, "protocol": protocol},
         "model": {"bundle": bundle_name, "bundles_dir": str(out / "bundles"), "threads": 2},
-        "store": {"val_fraction": 0.2},
+        "store": {"val_fraction": VAL_FRACTION},
         "training": {
             "ram_ceiling_mb": settings.ram_ceiling_mb,
             "batch_size": settings.batch_size,
@@ -238,8 +233,37 @@ def device_config(
             "rollback_tolerance": 0.5,
         },
     }
-    sources = [{"type": "csv", "name": "newuser", "path": str(csv_path), "pacing": "fast"}]
-    return {"sections": sections, "sources": sources}
+
+
+def hand_over_recordings(user: datasets.Dataset, device_dir: Path) -> tuple[list[dict[str, Any]], Path]:
+    """Give the new user's recordings to the device before it starts.
+
+    Sensor windows become an Edge Impulse CSV that the daemon's ``csv`` source replays (``pacing = "fast"``):
+    the device windows the stream itself, as it would a live sensor. Images have no source plug-in (the
+    daemon's sources produce sensor windows), so they are written into the device's window store with the
+    store's own API, as a ``collect`` would have left them.
+
+    Returns:
+        ``([[sources]] tables, path of the CSV file or the store)``.
+    """
+    names = [user.labels[i] for i in user.y]
+    if user.layout == "NLC":
+        csv_path = datasets.write_edge_impulse_csv(
+            device_dir / "new-user.csv", user.x, names, user.channels or [], user.rate_hz or 1.0
+        )
+        return [{"type": "csv", "name": "newuser", "path": str(csv_path), "pacing": "fast"}], csv_path
+    from device_app.store import Store
+
+    db_path = device_dir / "state" / "store.sqlite"
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path, val_fraction=VAL_FRACTION)
+    try:
+        for x, name in zip(user.x, names, strict=True):
+            store.add(x, name, source="newuser")
+    finally:
+        store.close()
+    log.info("Put %d images into the device store %s", len(user), db_path)
+    return [], db_path
 
 
 def evaluate_bundle(bundle_dir: Path, checkpoints_root: Path | None, x: np.ndarray, y: np.ndarray) -> float:
@@ -277,9 +301,7 @@ def train_over_mqtt(
     client.request("train", {"steps": steps}, timeout_s=60)
     progress: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
-    with tqdm(
-        total=steps, desc="device training", unit="step", disable=not progress_bar, dynamic_ncols=True
-    ) as bar:
+    with tqdm(total=steps, desc="device training", unit="step", disable=not progress_bar, dynamic_ncols=True) as bar:
         while time.monotonic() < deadline:
             message = client.messages(timeout_s=0.5)
             if message is None:
@@ -292,6 +314,8 @@ def train_over_mqtt(
                     rss=f"{message.payload.get('rss_mb', 0):.0f}MB",
                 )
             elif message.topic == "report" and not message.retained and isinstance(message.payload, dict):
+                if message.payload.get("status") == "error":
+                    raise DeviceError(f"training failed on the device: {message.payload.get('error')}")
                 bar.update(steps - bar.n)
                 return progress, message.payload
             elif message.topic == "status" and _state(message.payload) in ("error", "offline"):
@@ -315,9 +339,7 @@ def run(options: Options) -> Summary:
         data = prepare_data(options.dataset, settings, options.seed)
     with timer.stage("factory model"):
         model = factory_model(data, options.dataset, settings, options.seed, out / "cache")
-        factory_acc = models.accuracy(
-            model, data.normalise(data.user_holdout_unshifted.x), data.user_holdout.y
-        )
+        factory_acc = models.accuracy(model, data.normalise(data.user_holdout_unshifted.x), data.user_holdout.y)
         log.info("Factory model on the held-out recordings: %.1f%% as recorded", 100 * factory_acc)
     bundle_name = f"{options.dataset}-hosvd"
     bundle_dir = out / "bundles" / bundle_name
@@ -331,40 +353,35 @@ def run(options: Options) -> Summary:
     state_dir = out / "device" / "state"
     shutil.rmtree(state_dir, ignore_errors=True)  # a fresh device every run: empty store, no checkpoints
     user = data.user_train
-    csv_path = datasets.write_edge_impulse_csv(
-        out / "device" / "new-user.csv",
-        user.x,
-        [user.labels[i] for i in user.y],
-        user.channels or [],
-        user.rate_hz or 1.0,
-    )
+    sources, recordings = hand_over_recordings(user, out / "device")
     with contextlib.ExitStack() as stack:
         with timer.stage("broker"):
             if options.broker is None:
                 broker, protocol = stack.enter_context(embedded_broker()), "3.1.1"
             else:
                 broker, protocol = options.broker, "5"
-        config = device_config(out, broker, protocol, bundle_name, csv_path, settings, steps)
-        config_path = write_config(out / "device" / "device.toml", config["sections"], config["sources"])
+        sections = device_config(out, broker, protocol, bundle_name, settings, steps)
+        config_path = write_config(out / "device" / "device.toml", sections, sources)
         with timer.stage("device start"):
             client = stack.enter_context(DeviceClient(broker, DEVICE_ID, BASE_TOPIC, protocol))
             stack.enter_context(device_process(config_path, out / "device" / "device.log"))
-            client.wait_for_state({"idle"}, timeout_s=120)
-            wait_for_windows(client, expected=len(user), timeout_s=60)
+            client.wait_for_state({"idle", "collecting"}, timeout_s=120, live=True)
+            status = wait_for_windows(client, expected=len(user), timeout_s=120)
         with timer.stage("device training"):
             progress, report = train_over_mqtt(client, steps, options.progress_bar, timeout_s=600)
 
     with timer.stage("accuracy after"):
-        after = evaluate_bundle(
-            bundle_dir, state_dir / "checkpoints", data.user_holdout.x, data.user_holdout.y
-        )
+        after = evaluate_bundle(bundle_dir, state_dir / "checkpoints", data.user_holdout.x, data.user_holdout.y)
 
-    peak = report.get("peak_rss_mb")
+    peaks = [float(report[k]) for k in ("peak_rss_mb", "watched_peak_rss_mb") if report.get(k) is not None]
+    peak = max(peaks) if peaks else None
+    daemon_rss = status.get("daemon_rss_mb")
     summary = Summary(
         dataset=options.dataset,
         accuracy_before=before,
         accuracy_after=after,
-        peak_rss_mib=float(peak) if peak is not None else None,
+        peak_rss_mib=peak,
+        daemon_rss_mib=float(daemon_rss) if daemon_rss is not None else None,
         ram_ceiling_mib=float(settings.ram_ceiling_mb),
         saved_activation_mib=saved,
         saved_activation_mib_vanilla=saved_vanilla,
@@ -382,7 +399,7 @@ def run(options: Options) -> Summary:
             "bundle": str(bundle_dir),
             "device_config": str(config_path),
             "device_log": str(out / "device" / "device.log"),
-            "csv": str(csv_path),
+            "recordings": str(recordings),
             "report": str(out / REPORT_FILE),
             "summary": str(out / "demo-summary.json"),
         },
@@ -395,13 +412,20 @@ def run(options: Options) -> Summary:
     return summary
 
 
-def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> None:
-    """Wait until the device's status counts ``expected`` stored windows (the CSV replay is done)."""
+def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> dict[str, Any]:
+    """Wait until the device is idle with at least ``expected`` stored windows (the CSV replay is done).
 
-    def stored(payload: Any) -> bool:
-        return isinstance(payload, dict) and int(payload.get("samples", 0) or 0) >= expected
+    Returns:
+        The device's status.
+    """
 
-    client.wait_for("status", stored, timeout_s, f"{expected} stored windows")
+    def done(payload: Any) -> bool:
+        if not isinstance(payload, dict) or payload.get("state") != "idle":
+            return False
+        samples = payload.get("samples")
+        return isinstance(samples, dict) and int(samples.get("total", 0)) >= expected
+
+    return client.wait_for("status", done, timeout_s, f"idle with {expected} stored windows", live=True)
 
 
 __all__ = ["SETTINGS", "Options", "Summary", "run", "summary_text"]
