@@ -119,6 +119,9 @@ class Collector:
 
     def _store(self, name: str, x: np.ndarray, label: str | None) -> bool:
         """Store one window under the session's rules; return False when the session has enough."""
+        if not np.isfinite(x).all():
+            log.warning("source %s: dropped a window with non-finite values", name)
+            return True
         with self.lock:
             session = self.session
             if session.windows is not None and session.stored >= session.windows:

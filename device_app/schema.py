@@ -9,6 +9,7 @@ both report problems the same way: ``<where> <key>: <rule>, got <value>``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -85,6 +86,8 @@ def _rule_problem(value: Any, meta: dict[str, Any]) -> str | None:
     choices = meta.get("choices")
     if choices is not None and value is not None and value not in choices:
         return f"must be one of {list(choices)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
             return f"must be >= {meta['min']}"

@@ -75,6 +75,10 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
             yield order[i:i + batch_size]
 
 
+def _finite(weights: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(v).all() for v in weights.values())
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -132,7 +136,7 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
         if not math.isfinite(loss):
             bundle.set_weights(good)
             status = "rolled_back"
-            reason = f"loss became {loss} at step {step}; restored the last good weights"
+            reason = f"loss became non-finite ({loss}) at step {step}; restored the last good weights"
             break
         losses.append(loss)
         corrects.append(correct / plan.batch_size)
@@ -142,7 +146,13 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
                   "loss": _mean(losses[window]), "accuracy": _mean(corrects[window]),
                   "rss_mb": round(rss() / 2**20, 1), "elapsed": round(time.monotonic() - t0, 3)})
         if (i + 1) % job.checkpoint_every == 0 and i + 1 < job.steps:
-            good = bundle.get_weights()
+            weights = bundle.get_weights()
+            if not _finite(weights):
+                bundle.set_weights(good)
+                status = "rolled_back"
+                reason = f"weights became non-finite by step {step}; restored the last good weights"
+                break
+            good = weights
             written.append(checkpoint.save(ckpt_dir, step, good, _meta(bundle, loss), job.keep_checkpoints))
     steps_done = len(losses)
     val_after = _metrics(bundle, x_val, val.y, from_features)
@@ -154,9 +164,13 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
         reason = (f"validation accuracy fell from {val_before['accuracy']:.3f} to "
                   f"{val_after['accuracy']:.3f} (tolerance {tol}); kept the weights from before this run")
     elif steps_done and status != "rolled_back":
-        final_step = start_step + steps_done
-        written.append(checkpoint.save(ckpt_dir, final_step, bundle.get_weights(),
-                                       _meta(bundle, losses[-1], val_after), job.keep_checkpoints))
+        final = bundle.get_weights()
+        if _finite(final):
+            written.append(checkpoint.save(ckpt_dir, start_step + steps_done, final,
+                                           _meta(bundle, losses[-1], val_after), job.keep_checkpoints))
+        else:
+            bundle.set_weights(good)
+            status, reason = "rolled_back", "weights became non-finite; restored the last good weights"
     newest = checkpoint.listing(ckpt_dir)
     k = min(job.progress_every, steps_done) or 1
     return {

@@ -1,0 +1,161 @@
+"""Plan arithmetic, atomic checkpoints, and training runs on a real interpreter: loss goes down, a non-finite
+loss and a validation drop both roll back, the local CLI run shows a progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import class_signal
+
+from device_app import checkpoint
+from device_app.bundle import Bundle
+from device_app.cli import main
+from device_app.jobs import Job
+from device_app.plan import MIB, PlanError, choose_plan
+from device_app.store import Store
+from device_app.training import run_training
+from hosvd_contract import Manifest, MemoryPlanEntry
+
+
+def _with_plan(manifest: Manifest, entries: list[MemoryPlanEntry]) -> Manifest:
+    return dataclasses.replace(manifest, memory_plan=entries)
+
+
+def _entry(batch: int, mode: str, peak_mb: int, base_mb: int = 50, micro: int = 2) -> MemoryPlanEntry:
+    return MemoryPlanEntry(batch, mode, micro if mode == "streamed" else batch, 1, peak_mb * MIB, base_mb * MIB)
+
+
+def test_plan_picks_the_largest_batch_that_fits(imu_manifest: Manifest) -> None:
+    batches = sorted(s.batch_size for s in imu_manifest.train_signatures)
+    small, big = batches[0], batches[-1]
+    m = _with_plan(imu_manifest, [_entry(big, "whole", 150), _entry(big, "streamed", 90),
+                                  _entry(small, "whole", 70)])
+    # need = daemon 40 + child base 45 + (peak - base) + margin 10
+    plan = choose_plan(m, ceiling_mb=400, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10)
+    assert (plan.batch_size, plan.mode) == (big, "streamed") and plan.need_bytes == (40 + 45 + 40 + 10) * MIB
+    plan = choose_plan(m, ceiling_mb=400, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10,
+                       streamed_ok=False)
+    assert (plan.batch_size, plan.mode) == (big, "whole") and plan.need_bytes == (40 + 45 + 100 + 10) * MIB
+    plan = choose_plan(m, ceiling_mb=120, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10,
+                       streamed_ok=False)
+    assert (plan.batch_size, plan.mode) == (small, "whole") and plan.child_limit_bytes == 80 * MIB
+    with pytest.raises(PlanError) as info:
+        choose_plan(m, ceiling_mb=100, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10)
+    message = str(info.value)
+    assert "no training plan fits ram_ceiling_mb = 100" in message
+    assert f"batch {big} streamed (micro-batch 2): 135.0 MiB" in message
+    assert f"batch {small} whole: 115.0 MiB" in message
+    with pytest.raises(PlanError, match="batch_size 3 is not in the bundle"):
+        choose_plan(m, ceiling_mb=0, daemon_bytes=0, child_base_bytes=0, batch_size=3)
+
+
+def test_checkpoints_are_atomic_pruned_and_skip_unreadable(tmp_path: Path) -> None:
+    w = {"k": np.arange(6, dtype=np.float32).reshape(2, 3), "lr": np.float32(0.1)}
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, {k: v + step for k, v in w.items()}, {"loss": 1.0 / step}, keep=3)
+    assert [s for s, _ in checkpoint.listing(tmp_path)] == [40, 30, 20]
+    (tmp_path / "ckpt-000000040.npz").write_bytes(b"PK\x03\x04 torn")  # a torn newest file
+    newest = checkpoint.latest(tmp_path, {"k", "lr"})
+    assert newest is not None and newest.step == 30 and newest.meta["loss"] == pytest.approx(1 / 30)
+    np.testing.assert_array_equal(newest.weights["k"], w["k"] + 30)
+    assert checkpoint.latest(tmp_path, {"other"}) is None
+    assert checkpoint.discard_latest(tmp_path).name.startswith("ckpt-000000040.npz.")
+    assert checkpoint.listing(tmp_path)[0][0] == 30
+    (tmp_path / ".ckpt-000000050.npz.999999999.tmp").write_bytes(b"partial")
+    assert [p.name for p in checkpoint.remove_stale_temp(tmp_path)] == [".ckpt-000000050.npz.999999999.tmp"]
+
+
+def _fill(store: Store, manifest: Manifest, per_class: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    length, channels = manifest.input.shape
+    for k, label in enumerate(manifest.labels):
+        data = class_signal(k, length * per_class, channels, rng)
+        for i in range(per_class):
+            store.add(data[i * length:(i + 1) * length], label, "test")
+
+
+def _job(tmp_path: Path, bundle: Path, manifest: Manifest, steps: int, **kw: object) -> Job:
+    plan = choose_plan(manifest, ceiling_mb=0, daemon_bytes=0, child_base_bytes=0, streamed_ok=False)
+    return Job("train", str(bundle), str(tmp_path / "s.sqlite"), str(tmp_path / "ck"), threads=1, plan=plan,
+               steps=steps, checkpoint_every=10, progress_every=5, **kw)
+
+
+def test_training_lowers_the_loss_and_checkpoints(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest) -> None:
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 16)
+    events: list[dict] = []
+    bundle = Bundle(imu_bundle, 1)
+    result = run_training(bundle, store, _job(tmp_path, imu_bundle, imu_manifest, 30, learning_rate=0.05),
+                          events.append, threading.Event(), lambda: 1)
+    assert result["status"] == "ok" and result["steps_done"] == 30 and result["global_step"] == 30
+    assert result["final_loss"] < result["first_loss"]
+    assert [e["step"] for e in events] == [1, 5, 10, 15, 20, 25, 30]
+    assert [s for s, _ in checkpoint.listing(tmp_path / "ck" / imu_manifest.sha256[:16])] == [30, 20, 10]
+
+
+def test_non_finite_loss_restores_the_last_good_weights(tmp_path: Path, imu_bundle: Path,
+                                                        imu_manifest: Manifest) -> None:
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 8)
+    bundle = Bundle(imu_bundle, 1)
+    first = run_training(bundle, store, _job(tmp_path, imu_bundle, imu_manifest, 10, learning_rate=0.05),
+                         lambda e: None, threading.Event(), lambda: 1)
+    assert first["status"] == "ok" and first["global_step"] == 10
+    good = bundle.get_weights()
+    # a learning rate of NaN makes the next step's weights, and so the loss after it, NaN
+    result = run_training(bundle, store, _job(tmp_path, imu_bundle, imu_manifest, 50,
+                                              learning_rate=float("nan")),
+                          lambda e: None, threading.Event(), lambda: 1)
+    assert result["status"] == "rolled_back" and "non-finite" in result["reason"]
+    assert result["global_step"] == 10
+    after = bundle.get_weights()
+    lr = bundle.learning_rate_name()
+    assert all(np.array_equal(good[k], after[k]) for k in good if k != lr)
+
+
+def test_validation_drop_rolls_the_run_back(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest) -> None:
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 16)
+    bundle = Bundle(imu_bundle, 1)
+    good = run_training(bundle, store, _job(tmp_path, imu_bundle, imu_manifest, 60, learning_rate=0.05),
+                        lambda e: None, threading.Event(), lambda: 1)
+    assert good["status"] == "ok" and good["val_after"]["accuracy"] >= 0.45
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:  # poison the training split: everything is class 0
+        db.execute("UPDATE samples SET label = ? WHERE split = 'train'", [imu_manifest.labels[0]])
+    bad = run_training(Bundle(imu_bundle, 1), store,
+                       _job(tmp_path, imu_bundle, imu_manifest, 60, learning_rate=0.05, rollback_tolerance=0.1),
+                       lambda e: None, threading.Event(), lambda: 1)
+    assert bad["status"] == "rolled_back" and "validation accuracy fell" in bad["reason"]
+    assert bad["val_after"]["accuracy"] < bad["val_before"]["accuracy"] - 0.1
+    assert bad["global_step"] == 60  # the run's checkpoints were discarded
+    restored = checkpoint.latest(tmp_path / "ck" / imu_manifest.sha256[:16])
+    assert restored is not None and restored.step == 60
+
+
+def test_local_train_cli_shows_progress(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import toml_dumps, write_csvs
+
+    state = tmp_path / "state"
+    (state / "bundles").mkdir(parents=True)
+    shutil.copytree(imu_bundle, state / "bundles" / "imu")
+    csv_dir = write_csvs(tmp_path / "csv", imu_manifest, 8)
+    config = tmp_path / "device.toml"
+    config.write_text(toml_dumps({
+        "device": {"id": "local", "state_dir": str(state)}, "model": {"bundle": "imu", "threads": 1},
+        "training": {"steps": 20, "learning_rate": 0.05},
+        "sources": [{"type": "csv", "path": str(csv_dir), "pacing": "fast"}],
+    }))
+    assert main(["train", "--config", str(config), "--collect-seconds", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "20/20" in captured.err and "loss=" in captured.err
+    assert captured.out.startswith("ok: 20 steps, loss ")
+    assert "checkpoint ckpt-000000020.npz" in captured.out
+    assert main(["train", "--config", str(config), "--steps", "5"]) == 0
+    assert "checkpoint ckpt-000000025.npz" in capsys.readouterr().out
