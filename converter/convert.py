@@ -42,6 +42,8 @@ from hosvd_contract import (
 
 log = logging.getLogger(__name__)
 
+SOURCE_MODEL = "source.keras"  # the converted Keras model, kept for ``hosvd-convert export-keras``
+
 STAGES = ("parse", "calibrate", "build", "convert", "measure", "write")
 
 
@@ -280,5 +282,6 @@ def convert(
     if len(manifest.labels) != classes and loss_kind == Loss.CROSSENTROPY:
         raise ConversionError(f"{len(manifest.labels)} labels given for a model with {classes} classes")
     (out / MANIFEST_FILE).write_text(manifest.to_json())
+    model.save(out / SOURCE_MODEL)  # for export-keras; the device never reads it
     log.info("wrote bundle %s (%d ops, %.1f s)", out, sum(manifest.op_census.values()), convert_seconds)
     return manifest

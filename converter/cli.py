@@ -1,0 +1,174 @@
+"""``hosvd-convert``: convert a Keras model into a training bundle, inspect a bundle, export weights back."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes integers like 32 or 32,8; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size must be positive, got {text!r}")
+    return sizes
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hosvd-convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="Keras model -> training bundle (model.tflite + manifest.json)")
+    conv.add_argument("model", help=".keras/.h5 file, or a directory holding one")
+    conv.add_argument("--out", required=True, help="bundle directory to write")
+    conv.add_argument("--train-last", type=int, required=True, metavar="N",
+                      help="train the last N weighted layers (Conv/Depthwise/Dense) and everything after them")
+    conv.add_argument("--compression", default="hosvd", choices=["none", "svd", "hosvd", "asi"])
+    conv.add_argument("--epsilon", type=float, default=0.8, help="energy share kept per mode (default 0.8)")
+    conv.add_argument("--batch-size", type=_batch_sizes, default=[32], metavar="B[,B2...]",
+                      help="static train batch size(s); the first is the default signature (default 32)")
+    conv.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    conv.add_argument("--lr", type=float, default=0.01, help="learning rate (changeable on the device)")
+    conv.add_argument("--momentum", type=float, default=0.0)
+    conv.add_argument("--weight-decay", type=float, default=0.0)
+    conv.add_argument("--max-rank", type=int, default=16, help="static maximum rank per mode (default 16)")
+    conv.add_argument("--subspace-iters", type=int, default=2, help="subspace iterations per mode (default 2)")
+    conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
+    conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
+    conv.add_argument("--labels", help="comma-separated class names")
+    conv.add_argument("--loss", default="auto", choices=["auto", "sparse_categorical_crossentropy", "mse"])
+    conv.add_argument("--micro-batch", type=int, default=1, help="prefix micro-batch of the measured streamed plan")
+    conv.add_argument("--no-measure", action="store_true", help="skip measuring peak RSS on ai-edge-litert")
+
+    insp = sub.add_parser("inspect", help="print a bundle's manifest summary and op census")
+    insp.add_argument("bundle")
+
+    exp = sub.add_parser("export-keras", help="write device-trained weights back into the Keras model")
+    exp.add_argument("bundle")
+    exp.add_argument("weights", help=".npz keyed by the manifest's weight names (a device checkpoint)")
+    exp.add_argument("--out", required=True, help=".keras file to write")
+    exp.add_argument("--model", help="the original .keras model, if the bundle has no source.keras")
+    return parser
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def layer_table(manifest) -> str:
+    """The per-layer table of trainable layers: shape, method, ranks, saved-activation KiB."""
+    rows = [("layer", "type", "output", "method", "ranks (max)", "ε-ranks", "vanilla KiB", "saved KiB")]
+    for info in manifest.layers:
+        if not info.trainable:
+            continue
+        rows.append((info.name, info.type, "x".join(map(str, info.output_shape)), info.compression or "-",
+                     "x".join(map(str, info.ranks)) if info.ranks else "-",
+                     "x".join(map(str, info.calibrated_ranks)) if info.calibrated_ranks else "-",
+                     _kib(info.saved_bytes_vanilla), _kib(info.saved_bytes_compressed)))
+    total_v = sum(i.saved_bytes_vanilla for i in manifest.layers)
+    total_c = sum(i.saved_bytes_compressed for i in manifest.layers)
+    rows.append(("total", "", "", "", "", "", _kib(total_v), _kib(total_c)))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def _memory_table(manifest) -> str:
+    lines = ["batch  mode      micro  estimated MiB  measured peak MiB  (base MiB)"]
+    for m in manifest.memory_plan:
+        peak = "-" if m.measured_peak_rss_bytes is None else f"{m.measured_peak_rss_bytes / 2**20:.1f}"
+        base = "-" if m.measured_base_rss_bytes is None else f"{m.measured_base_rss_bytes / 2**20:.1f}"
+        lines.append(f"{m.batch_size:<6} {m.mode:<9} {m.micro_batch:<6} {m.estimated_peak_bytes / 2**20:<14.2f} "
+                     f"{peak:<18} ({base})")
+    return "\n".join(lines)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from converter.calibration import load_calibration
+    from converter.convert import STAGES, convert
+
+    calibration = load_calibration(args.calibration_data) if args.calibration_data else None
+    bar = tqdm(total=len(STAGES), desc="converting", unit="stage", file=sys.stderr)
+
+    def progress(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        if stage != STAGES[0]:
+            bar.update(1)
+
+    try:
+        manifest = convert(
+            args.model, args.out, train_last=args.train_last, compression=args.compression, epsilon=args.epsilon,
+            batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, max_rank=args.max_rank, subspace_iters=args.subspace_iters,
+            calibration_data=None if calibration is None else np.asarray(calibration),
+            ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
+            loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure, progress=progress)
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
+    print(layer_table(manifest))
+    print()
+    print(_memory_table(manifest))
+    print(f"\nbundle: {Path(args.out).resolve()}  ({sum(manifest.op_census.values())} ops, "
+          f"converted in {manifest.versions['convert_seconds']} s)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hosvd_contract import load_manifest
+
+    m = load_manifest(args.bundle)
+    print(f"model        {m.model_name}  (format {m.format_version}, sha256 {m.sha256[:16]}…)")
+    print(f"input        {m.input.shape} {m.input.dtype} {m.input.layout}"
+          + (f" channels={m.input.channels}" if m.input.channels else "")
+          + (f" rate={m.input.rate_hz} Hz" if m.input.rate_hz else ""))
+    print(f"features     {m.features_shape}   output {m.output_shape}   task {m.task} ({m.loss})")
+    print(f"labels       {', '.join(m.labels)}")
+    print(f"optimizer    {m.optimizer}")
+    print(f"compression  {m.compression}   train_last {m.train_last}")
+    print("train        " + ", ".join(f"{s.train}/{s.train_features} (batch {s.batch_size})"
+                                       for s in m.train_signatures))
+    print(f"weights      {len(m.weights)} tensors, {sum(1 for w in m.weights if w.trainable)} trainable")
+    print(f"versions     {m.versions}   created {m.created}\n")
+    print(layer_table(m) + "\n")
+    print(_memory_table(m) + "\n")
+    print(f"op census ({sum(m.op_census.values())} ops, every subgraph):")
+    for op, count in m.op_census.items():
+        print(f"  {op:<24} {count}")
+    return 0
+
+
+def _export_keras(args: argparse.Namespace) -> int:
+    from converter.export_keras import export_keras
+
+    written = export_keras(args.bundle, args.weights, args.out, args.model)
+    print(f"wrote {len(written)} trained weights into {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hosvd-convert``; errors about the model or options exit 2 with one clear line."""
+    from converter.errors import ConversionError
+    from hosvd_contract import BundleError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    handler = {"convert": _convert, "inspect": _inspect, "export-keras": _export_keras}[args.command]
+    try:
+        return handler(args)
+    except (ConversionError, BundleError, FileNotFoundError, ValueError) as err:
+        print(f"hosvd-convert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
