@@ -91,3 +91,11 @@ def test_explain_documents_every_key() -> None:
             assert doc, f"{cls.__name__}.{key} has no doc"
             assert f"  {key} (" in text
     assert '[[sources]] type = "mpu6050"' in text and "accel_range_g" in text
+
+
+def test_docs_list_every_config_key() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "device.md").read_text()
+    for name, cls in SECTIONS.items():
+        assert f"### `[{name}]`" in doc
+        for key, *_ in describe(cls):
+            assert f"| `{key}` |" in doc, f"[{name}] {key} is not in docs/device.md"
