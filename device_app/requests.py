@@ -35,18 +35,8 @@ class TrainRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StopRequest(Request):
-    pass
-
-
-@dataclass(frozen=True, kw_only=True)
 class EvaluateRequest(Request):
     split: str = spec("val", doc="which stored windows", choices=["val", "train", "all"])
-
-
-@dataclass(frozen=True, kw_only=True)
-class StatusRequest(Request):
-    pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,18 +56,13 @@ class CollectRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RollbackRequest(Request):
-    pass
-
-
-@dataclass(frozen=True, kw_only=True)
 class ReloadRequest(Request):
     bundle: str = spec(doc="bundle name inside the bundles directory (never a path)", pattern=NAME_PATTERN)
 
 
 COMMANDS: dict[str, type[Request]] = {
-    "train": TrainRequest, "stop": StopRequest, "evaluate": EvaluateRequest, "status": StatusRequest,
-    "label": LabelRequest, "collect": CollectRequest, "rollback": RollbackRequest, "reload": ReloadRequest,
+    "train": TrainRequest, "stop": Request, "evaluate": EvaluateRequest, "status": Request,
+    "label": LabelRequest, "collect": CollectRequest, "rollback": Request, "reload": ReloadRequest,
 }
 
 

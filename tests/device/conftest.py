@@ -96,6 +96,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
+def idle(p: object) -> bool:
+    """Status predicate: the daemon is idle and holds windows."""
+    return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0
+
+
 # --- test client -------------------------------------------------------------------------------------------
 
 

@@ -9,19 +9,16 @@ import time
 import uuid
 
 import paho.mqtt.client as paho
+from conftest import idle
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-
-def _idle(p: object) -> bool:
-    return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0
 
 
 def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, client_factory, device_factory,
                                                                     tmp_path) -> None:
     dev = device_factory(broker.port, mqtt={"max_payload_bytes": 1024}).start()
     cl = client_factory(broker.port)
-    before = cl.wait("status", _idle, timeout=60)["samples"]
+    before = cl.wait("status", idle, timeout=60)["samples"]
     outside = tmp_path / "outside_bundle"
     shutil.copytree(dev.state_dir / "bundles" / "imu_hosvd", outside)
     os.symlink(outside, dev.state_dir / "bundles" / "escape")
@@ -64,7 +61,7 @@ def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, clien
 def test_mqtt5_response_topic_and_correlation_data_are_honoured(broker, client_factory, device_factory) -> None:
     device_factory(broker.port).start()
     cl = client_factory(broker.port)
-    cl.wait("status", _idle, timeout=60)
+    cl.wait("status", idle, timeout=60)
     reply_topic = f"replies/{uuid.uuid4().hex[:6]}"
     got: list[paho.MQTTMessage] = []
     cl.c.message_callback_add(reply_topic, lambda c, u, m: got.append(m))
@@ -86,7 +83,7 @@ def test_reload_switches_bundle_by_name(broker, client_factory, device_factory) 
     shutil.copytree(dev.state_dir / "bundles" / "imu_hosvd", dev.state_dir / "bundles" / "imu_v2")
     dev.start()
     cl = client_factory(broker.port)
-    cl.wait("status", _idle, timeout=60)
+    cl.wait("status", idle, timeout=60)
     answer = cl.request("reload", {"bundle": "imu_v2"})
     assert answer["status"] == "ok", answer
     assert answer["data"]["bundle"] == "imu_v2"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import idle
 
 from device_app.jobs import Job
 from device_app.trainer import ChildError, ChildRun
@@ -32,10 +33,6 @@ if _marker:
 '''
 
 
-def _idle(p: object) -> bool:
-    return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0
-
-
 def _wait_for(pred, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -53,7 +50,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, clie
     dev = device_factory(broker.port)
     dev.start(env={"PYTHONPATH": str(hook), "HOSVD_TEST_STALL_CKPT_MARKER": str(marker)})
     cl = client_factory(broker.port)
-    cl.wait("status", _idle, timeout=60)
+    cl.wait("status", idle, timeout=60)
     assert cl.request("train", {"steps": 40})["status"] == "ok"
     _wait_for(marker.exists, 60, "the checkpoint writer never reached step 20")
     dev.kill()  # SIGKILL to the daemon and its training child, mid-write
@@ -68,7 +65,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, clie
     dev.rewrite()
     dev.start()  # no hook this time
     cl2 = client_factory(broker.port)
-    assert cl2.wait("status", _idle, timeout=60)["global_step"] == 10
+    assert cl2.wait("status", idle, timeout=60)["global_step"] == 10
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     assert "a checkpoint whose writing was interrupted" in dev.log()
     evaluation = cl2.request("evaluate", {"split": "all"})
@@ -85,7 +82,7 @@ def test_broker_restart_during_training_still_delivers_the_report(broker, client
     training = {"progress_every": 100, "checkpoint_every": 100000, "rollback_tolerance": 1.0}
     dev = device_factory(broker.port, training=training).start()
     cl = client_factory(broker.port)
-    cl.wait("status", _idle, timeout=60)
+    cl.wait("status", idle, timeout=60)
     # Calibrate: how long does a step take here? Then train for ~3 s so the broker is down when it ends.
     cl.request("train", {"transaction": "calib", "steps": 50})
     calib = cl.wait("report", lambda p: p.get("transaction") == "calib", timeout=120)
@@ -102,14 +99,14 @@ def test_broker_restart_during_training_still_delivers_the_report(broker, client
     assert report["status"] == "ok" and report["steps_done"] == steps
     assert report["global_step"] == 50 + steps
     _wait_for(lambda: _outbox_size(dev.db) == 0, 30, "the outbox was not emptied after delivery")
-    assert cl2.wait("status", _idle)["global_step"] == 50 + steps
+    assert cl2.wait("status", idle)["global_step"] == 50 + steps
     assert "Sending 1 queued message(s) from the outbox" in dev.log()
 
 
 def test_too_small_ceiling_is_a_clear_refusal(broker, client_factory, device_factory) -> None:
     dev = device_factory(broker.port, training={"ram_ceiling_mb": 40}).start()
     cl = client_factory(broker.port)
-    cl.wait("status", _idle, timeout=60)
+    cl.wait("status", idle, timeout=60)
     answer = cl.request("train", {"steps": 5})
     assert answer["status"] == "error"
     assert "no training plan fits ram_ceiling_mb = 40" in answer["error"]

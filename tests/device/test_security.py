@@ -8,11 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from conftest import Broker, make_password_file, make_tls_files
-
-
-def _idle(p: object) -> bool:
-    return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0
+from conftest import Broker, idle, make_password_file, make_tls_files
 
 
 def _attempt_times(log: str, needle: str) -> list[float]:
@@ -37,7 +33,7 @@ def test_password_broker_right_and_wrong_credentials(tmp_path: Path, client_fact
                              mqtt={"username": "pi", "password": "wrong", "reconnect_min_s": 0.2,
                                    "reconnect_max_s": 0.8}).start()
         cl = client_factory(broker.port, username="tester", password="t3st")
-        assert cl.wait("status", _idle, timeout=60)["device_id"] == "dev1"
+        assert cl.wait("status", idle, timeout=60)["device_id"] == "dev1"
         assert cl.request("status")["status"] == "ok"
 
         needle = "refused the connection: Not authorized (check [mqtt] username and password)"
@@ -61,7 +57,7 @@ def test_tls_broker_with_the_test_ca(tmp_path: Path, client_factory, device_fact
     try:
         dev = device_factory(broker.port, mqtt={"tls": True, "ca_file": str(tls["ca"])}).start()
         cl = client_factory(broker.port, ca_file=str(tls["ca"]))
-        assert cl.wait("status", _idle, timeout=60)["device_id"] == "dev1"
+        assert cl.wait("status", idle, timeout=60)["device_id"] == "dev1"
         assert cl.request("status")["status"] == "ok"
         assert dev.alive()
         # without the CA the certificate cannot be verified: logged, retried, no crash
