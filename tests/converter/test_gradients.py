@@ -1,0 +1,80 @@
+"""Gradient fidelity: one ``train`` step on ai-edge-litert moves every trainable weight exactly as the same SGD
+step computed with ``tf.GradientTape`` on the Keras model (the independent reference)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+
+from converter.convert import convert
+from hosvd_contract import MODEL_FILE
+from tests.converter.models import every_layer_1d, every_layer_2d, weighted_count
+
+LR = 1.0  # large, so the weight delta is far above float32 rounding of the weights themselves
+BATCH = 4
+TOLERANCE = {"none": 1e-4, "svd": 1e-3, "hosvd": 1e-3}
+_KERAS_ROLE = {"depthwise_kernel": "kernel"}
+
+
+def reference_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    with tf.GradientTape() as tape:
+        probs = model(x, training=False)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probs))
+    variables = model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    return {tuple(v.path.split("/")[-2:]): g.numpy() for v, g in zip(variables, grads, strict=True)}
+
+
+def tflite_step(bundle, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict, float]:
+    interpreter = Interpreter(model_path=str(bundle / MODEL_FILE))
+    before = interpreter.get_signature_runner("get_weights")()
+    loss = float(interpreter.get_signature_runner("train")(x=x, y=y)["loss"])
+    after = interpreter.get_signature_runner("get_weights")()
+    return before, after, loss
+
+
+@pytest.mark.parametrize("builder", [every_layer_2d, every_layer_1d], ids=["2d", "1d"])
+@pytest.mark.parametrize("method", ["none", "svd", "hosvd"])
+def test_train_step_matches_gradient_tape(tmp_path, builder, method):
+    model = builder()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((BATCH, *model.input_shape[1:])).astype(np.float32)
+    y = rng.integers(0, model.output_shape[-1], BATCH).astype(np.int32)
+    manifest = convert(model, tmp_path, train_last=weighted_count(model), compression=method, epsilon=1.0,
+                       batch_sizes=(BATCH,), learning_rate=LR, max_rank=32, subspace_iters=2,
+                       measure_memory=False)
+    before, after, loss = tflite_step(tmp_path, x, y)
+    reference = reference_gradients(model, x, y)
+
+    probs = model(x, training=False).numpy()
+    assert loss == pytest.approx(float(np.mean(-np.log(probs[np.arange(BATCH), y]))), rel=1e-5)
+    trained = [w for w in manifest.weights if w.trainable]
+    weighted = {k: v for k, v in reference.items() if not k[0].startswith("bn")}  # BatchNorm stays frozen
+    assert len(trained) == len(weighted), "every weighted layer's Keras weight is a bundle weight"
+    for spec in trained:
+        keras_value = model.get_layer(spec.layer).get_weights()[0 if "kernel" in spec.role else 1]
+        np.testing.assert_array_equal(before[spec.name], keras_value, err_msg=f"{spec.name} initial value")
+        step = (before[spec.name] - after[spec.name]) / LR
+        ref = reference[(spec.layer, _KERAS_ROLE.get(spec.role, spec.role))]
+        rel = np.linalg.norm(step - ref) / np.linalg.norm(ref)
+        assert rel <= TOLERANCE[method], f"{spec.name}: relative error {rel:.2e} > {TOLERANCE[method]:.0e}"
+
+
+def test_hosvd_below_one_compresses_and_stays_close(tmp_path):
+    """At ε = 0.8 the step is an approximation: still a descent direction, not the exact gradient."""
+    model = every_layer_2d()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((BATCH, 21, 21, 3)).astype(np.float32)
+    y = rng.integers(0, 4, BATCH).astype(np.int32)
+    convert(model, tmp_path, train_last=weighted_count(model), compression="hosvd", epsilon=0.8,
+            batch_sizes=(BATCH,), learning_rate=LR, max_rank=32, measure_memory=False)
+    before, after, _ = tflite_step(tmp_path, x, y)
+    reference = reference_gradients(model, x, y)
+    name = "conv_1x1__kernel"
+    step = (before[name] - after[name]) / LR
+    ref = reference[("conv_1x1", "kernel")]
+    cosine = float(np.sum(step * ref) / (np.linalg.norm(step) * np.linalg.norm(ref)))
+    assert 0.5 < cosine < 0.99999, f"cosine {cosine}: compressed gradient should be close but not exact"
