@@ -1,9 +1,8 @@
 """Fixtures for the device tests: a real Mosquitto per test on a free port, a paho test client, generated CSV
 sensor files, config files, and the daemon as a real subprocess.
 
-The bundle comes from ``$HOSVD_TEST_BUNDLES/imu_hosvd`` (``make test`` builds it with ``python -m
-tests.build_bundles``), or is built on the fly when TensorFlow and the converter are importable; otherwise the
-tests that need it are skipped with the reason.
+The converter-built bundle comes from the shared ``imu_bundle`` fixture (``tests/conftest.py``:
+``$HOSVD_TEST_BUNDLES`` when ``make test`` built them, else built once per session with TensorFlow).
 """
 
 from __future__ import annotations
@@ -192,27 +191,6 @@ def client_factory() -> Iterator[Callable[..., Client]]:
 
 
 # --- bundle ------------------------------------------------------------------------------------------------
-
-
-def _bundles_root(tmp_factory: pytest.TempPathFactory) -> Path:
-    env = os.environ.get("HOSVD_TEST_BUNDLES")
-    if env and (Path(env) / BUNDLE_NAME).is_dir():
-        return Path(env)
-    try:
-        import tensorflow  # noqa: F401
-
-        from tests import build_bundles  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"no test bundle: set HOSVD_TEST_BUNDLES (make test does) or install TensorFlow ({err})")
-    out = tmp_factory.mktemp("bundles")
-    subprocess.run([sys.executable, "-m", "tests.build_bundles", str(out)], check=True, cwd=REPO)
-    return out
-
-
-@pytest.fixture(scope="session")
-def imu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The converter-built IMU bundle (Conv1D over (window_len, channels) windows, with labels)."""
-    return _bundles_root(tmp_path_factory) / BUNDLE_NAME
 
 
 @pytest.fixture(scope="session")
