@@ -101,6 +101,8 @@ def test_broker_restart_during_training_still_delivers_the_report(broker, client
     _wait_for(lambda: _outbox_size(dev.db) == 0, 30, "the outbox was not emptied after delivery")
     assert cl2.wait("status", idle)["global_step"] == 50 + steps
     assert "Sending 1 queued message(s) from the outbox" in dev.log()
+    # the restarted broker forgot every subscription: answering proves the daemon subscribed again
+    assert cl2.request("status")["data"]["global_step"] == 50 + steps
 
 
 def test_too_small_ceiling_is_a_clear_refusal(broker, client_factory, device_factory) -> None:
