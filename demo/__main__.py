@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
@@ -53,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from demo.mqtt_client import DeviceError
     from demo.run import Options, run, summary_text
 
+    # Ctrl-C and SIGTERM (e.g. a CI timeout) take the same ordered shutdown path, even when started from a
+    # shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     options = Options(
         dataset=args.dataset,
         out_dir=args.out,

@@ -135,7 +135,8 @@ def embedded_broker(
     """
     address = BrokerAddress(host, port if port is not None else free_port(host))
     cmd = [sys.executable, "-m", "demo.broker", "--host", address.host, "--port", str(address.port)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # Own session: a terminal Ctrl-C reaches only the demo, which stops the broker last, after the device.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     log.info("Started embedded MQTT broker (amqtt, pid %d) on %s", proc.pid, address)
     try:
         wait_until_connectable(address, timeout_s, child=proc)

@@ -116,8 +116,8 @@ def plot_report(summary: Summary, path: Path) -> Path:
     kib = [summary.saved_activation_mib_vanilla * 1024, summary.saved_activation_mib * 1024]
     bars = ax_saved.bar(["vanilla", summary.compression], kib, color=["tab:gray", "tab:orange"])
     ax_saved.bar_label(bars, labels=[f"{v:.1f}" for v in kib])
-    ax_saved.set_ylabel("KiB (float32)")
-    ax_saved.set_title("Saved activations (paper's formula)")
+    ax_saved.set_ylabel("KiB, float32 (paper's formula)")
+    ax_saved.set_title("Saved activations")
 
     fig.suptitle(f"hosvd-edge demo: {summary.dataset}, {summary.train_steps} steps, batch {summary.batch_size}")
     fig.tight_layout()

@@ -318,7 +318,11 @@ def train_over_mqtt(
                     raise DeviceError(f"training failed on the device: {message.payload.get('error')}")
                 bar.update(steps - bar.n)
                 return progress, message.payload
-            elif message.topic == "status" and _state(message.payload) in ("error", "offline"):
+            elif (
+                message.topic == "status"
+                and not message.retained  # a retained one is left from an earlier run
+                and _state(message.payload) in ("error", "offline")
+            ):
                 raise DeviceError(f"device went {message.payload.get('state')}: {message.payload}")
     raise DeviceError(f"no training report within {timeout_s:.0f} s")
 
