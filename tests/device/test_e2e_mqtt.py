@@ -3,6 +3,8 @@ checkpoint restored by a second daemon."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from hosvd_contract import Manifest
@@ -59,3 +61,38 @@ def test_train_over_mqtt_then_restart_restores_checkpoint(broker, client_factory
     assert again["data"]["accuracy"] == first["data"]["accuracy"]
     # the retained report survives for late subscribers
     assert cl2.wait("report", lambda p: p.get("transaction") == "tx-42")["global_step"] == 40
+
+
+def _poll_status(cl, pred, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        data = cl.request("status")["data"]
+        if pred(data) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.1)
+
+
+def test_mqtt_samples_collect_and_label_commands(broker, client_factory, device_factory,
+                                                 imu_manifest: Manifest) -> None:
+    length, channels = imu_manifest.input.shape
+    sources = [{"type": "mqtt", "name": "phone"},
+               {"type": "synthetic", "name": "synth", "autostart": False, "fast": True}]
+    device_factory(broker.port, sources=sources).start()
+    cl = client_factory(broker.port)
+    cl.wait("status", lambda p: isinstance(p, dict) and p.get("state") == "collecting", timeout=60)
+    rows = [[float(i % 7), 0.5, -1.0][:channels] for i in range(2 * length)]
+    cl.publish("samples/phone", {"values": rows, "label": "walk"})
+    cl.publish("samples/phone", b'{"values": [[1, 2]]}')  # malformed: dropped, logged
+    status = _poll_status(cl, lambda d: d["samples"]["total"] == 2)
+    assert status["samples"]["by_label"] == {"walk": {"train": 1, "val": 1}}
+
+    answer = cl.request("collect", {"action": "start", "sources": ["synth"], "label": "idle", "windows": 5})
+    assert answer["status"] == "ok" and "synth" in answer["data"]["collecting"]
+    status = _poll_status(cl, lambda d: d["samples"]["total"] == 7)
+    assert sum(status["samples"]["by_label"]["idle"].values()) == 5
+
+    answer = cl.request("label", {"label": "shake", "last": 2})
+    assert answer["status"] == "ok" and answer["data"]["updated"] == 2
+    by_label = answer["data"]["samples"]["by_label"]
+    assert sum(by_label["idle"].values()) == 3 and sum(by_label["shake"].values()) == 2
+    assert cl.request("collect", {"action": "stop"})["data"]["collecting"] == []
