@@ -26,7 +26,9 @@ class Summary:
 
     Accuracies are fractions in ``[0, 1]`` on the held-out part of the new user's data; memory in MiB
     (2**20 bytes). ``peak_rss_mib`` is the training child's peak RSS; the ceiling covers it plus the daemon
-    (``daemon_rss_mib``, resting). ``progress`` holds the device's progress messages as received.
+    (``daemon_rss_mib``, resting). ``device_report`` is the device's retained training report,
+    ``device_evaluate`` its answer to an ``evaluate`` request on its own validation windows, and ``progress``
+    its progress messages as received.
     """
 
     dataset: str
@@ -48,6 +50,7 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     device_report: dict[str, Any] | None = None
+    device_evaluate: dict[str, Any] | None = None
     progress: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -373,6 +373,9 @@ def run(options: Options) -> Summary:
             status = wait_for_windows(client, expected=len(user), timeout_s=120)
         with timer.stage("device training"):
             progress, report = train_over_mqtt(client, steps, options.progress_bar, timeout_s=600)
+        with timer.stage("device evaluate"):
+            device_eval = client.request("evaluate", {"split": "val"}, timeout_s=120)
+            log.info("The device's own evaluation of its validation windows: %s", device_eval)
 
     with timer.stage("accuracy after"):
         after = evaluate_bundle(bundle_dir, state_dir / "checkpoints", data.user_holdout.x, data.user_holdout.y)
@@ -408,6 +411,7 @@ def run(options: Options) -> Summary:
             "summary": str(out / "demo-summary.json"),
         },
         device_report=report,
+        device_evaluate=device_eval,
         progress=progress,
     )
     plot_report(summary, out / REPORT_FILE)
