@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--momentum", type=float, default=0.0)
     conv.add_argument("--weight-decay", type=float, default=0.0)
     conv.add_argument("--max-rank", type=int, default=16, help="static maximum rank per mode (default 16)")
-    conv.add_argument("--subspace-iters", type=int, default=2, help="subspace iterations per mode (default 2)")
+    conv.add_argument("--subspace-iters", type=int, default=1,
+                      help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt (default 1)")
     conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
     conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
     conv.add_argument("--labels", help="comma-separated class names")

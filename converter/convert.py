@@ -121,7 +121,7 @@ def convert(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     max_rank: int = 16,
-    subspace_iters: int = 2,
+    subspace_iters: int = 1,
     calibration_data: np.ndarray | None = None,
     ram_budget_mb: float | None = None,
     labels: Sequence[str] | None = None,

@@ -34,7 +34,7 @@ class CompressionSettings:
     method: Method = Method.HOSVD
     epsilon: float = 0.8
     max_rank: int = 16
-    iters: int = 2
+    iters: int = 1
 
 
 def weight_name(layer: str, role: str) -> str:

@@ -18,6 +18,12 @@ from hosvd_contract import Sig
 log = logging.getLogger(__name__)
 
 
+def _function(fn, input_signature) -> tf.types.experimental.GenericFunction:
+    """A graph function without AutoGraph: the step has no data-dependent Python control flow (loops are
+    explicit ``tf.while_loop``), and AutoGraph's source conversion made tracing several times slower."""
+    return tf.function(fn, input_signature=input_signature, autograph=False)
+
+
 def _label_spec(module: TrainingModule, batch: int | None) -> tf.TensorSpec:
     if module.loss == Loss.CROSSENTROPY:
         return tf.TensorSpec([batch], tf.int32, name=Sig.Y)
@@ -29,14 +35,14 @@ def signatures(module: TrainingModule) -> dict[str, tf.types.experimental.Concre
     x_dyn = tf.TensorSpec([None, *module.graph.input_shape], tf.float32, name=Sig.X)
     f_dyn = tf.TensorSpec([None, *module.split.features_shape], tf.float32, name=Sig.FEATURES_IN)
     fns = {
-        Sig.INFER: tf.function(lambda x: module.infer_from_features(module.prefix(x)), input_signature=[x_dyn]),
-        Sig.EVALUATE: tf.function(lambda x, y: module.evaluate_from_features(module.prefix(x), y),
+        Sig.INFER: _function(lambda x: module.infer_from_features(module.prefix(x)), input_signature=[x_dyn]),
+        Sig.EVALUATE: _function(lambda x, y: module.evaluate_from_features(module.prefix(x), y),
                                   input_signature=[x_dyn, _label_spec(module, None)]),
-        Sig.FEATURES: tf.function(lambda x: {Sig.FEATURES_IN: module.prefix(x)}, input_signature=[x_dyn]),
-        Sig.EVALUATE_FEATURES: tf.function(module.evaluate_from_features,
+        Sig.FEATURES: _function(lambda x: {Sig.FEATURES_IN: module.prefix(x)}, input_signature=[x_dyn]),
+        Sig.EVALUATE_FEATURES: _function(module.evaluate_from_features,
                                            input_signature=[f_dyn, _label_spec(module, None)]),
-        Sig.GET_WEIGHTS: tf.function(module.get_weights, input_signature=[]),
-        Sig.SET_WEIGHTS: tf.function(
+        Sig.GET_WEIGHTS: _function(module.get_weights, input_signature=[]),
+        Sig.SET_WEIGHTS: _function(
             module.set_weights,
             input_signature=[tf.TensorSpec(s.shape, tf.float32, name=s.name) for s in module.weight_specs]),
     }
@@ -45,9 +51,9 @@ def signatures(module: TrainingModule) -> dict[str, tf.types.experimental.Concre
         x_b = tf.TensorSpec([batch, *module.graph.input_shape], tf.float32, name=Sig.X)
         f_b = tf.TensorSpec([batch, *module.split.features_shape], tf.float32, name=Sig.FEATURES_IN)
         y_b = _label_spec(module, batch)
-        fns[Sig.train_name(batch, default)] = tf.function(
+        fns[Sig.train_name(batch, default)] = _function(
             lambda x, y: module.train_from_features(module.prefix(x), y), input_signature=[x_b, y_b])
-        fns[Sig.train_name(batch, default, from_features=True)] = tf.function(
+        fns[Sig.train_name(batch, default, from_features=True)] = _function(
             module.train_from_features, input_signature=[f_b, y_b])
     return {key: fn.get_concrete_function() for key, fn in fns.items()}
 

@@ -68,6 +68,9 @@ def eps_mask(lam: tf.Tensor, total: tf.Tensor, eps: float) -> tuple[tf.Tensor, t
     """The paper's rank rule at run time: smallest k with Σ_{i≤k} λ_i ≥ ε·Σλ, as a 0/1 column mask.
 
     ``total`` is the full energy ‖X‖²_F (so a capped maximum rank is honest about what it misses).
+    With orthonormal columns, ``Σ_{i≤k} λ_i`` is exactly the energy the first k columns capture, so the kept
+    columns hold at least ε of the energy even before the iteration has converged (Ky Fan: unconverged
+    quotients can only make k larger than the paper's, never lose energy); more iterations bring k down to it.
     Returns ``(mask (R,), k ())``.
     """
     below = tf.cast(tf.cumsum(lam) < eps * total, tf.int32)
