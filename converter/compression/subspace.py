@@ -40,7 +40,7 @@ def orthonormalize(y: tf.Tensor) -> tf.Tensor:
         v = v / tf.maximum(tf.sqrt(tf.reduce_sum(v * v)), _TINY)
         return j + 1, q + tf.matmul(v, pick, transpose_b=True)
 
-    _, q = tf.while_loop(lambda j, q: j < rank, body, [tf.constant(0), tf.zeros([size, rank], y.dtype)],
+    _, q = tf.while_loop(lambda j, q: j < rank, body, (tf.constant(0), tf.zeros([size, rank], y.dtype)),
                          maximum_iterations=rank)
     return tf.reshape(q, [size, rank])
 
