@@ -6,7 +6,7 @@ LEGACY := .venv-legacy
 PY := $(VENV)/bin/python
 BUNDLES := .test-bundles
 
-.PHONY: venv legacy-venv test test-main test-legacy lint demo bench-quick clean
+.PHONY: venv legacy-venv test test-main test-legacy lint demo bench-quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: venv
 
 bench-quick: venv
 	$(PY) -m bench --quick
+
+# The full suite (see docs/bench.md for its run time).
+bench: venv
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) $(LEGACY) $(BUNDLES)

@@ -1,0 +1,142 @@
+"""What a benchmark suite runs: one :class:`RunSpec` per model × method × setting.
+
+``quick`` (under 10 minutes on 2 cores) keeps the paper-scale models at 96² and compares the baselines with
+hosvd ε = 0.8 only; ``full`` runs the issue's grid at 224² (see ``docs/bench.md`` for its run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+Method = Literal["recipe", "none", "svd", "hosvd", "asi"]
+METHODS: tuple[Method, ...] = ("recipe", "none", "svd", "hosvd", "asi")
+PAPER_MODELS = ("mobilenetv2", "resnet18")
+DATA_MODELS = {"digits": "digits_cnn", "basicmotions": "imu_cnn"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One benchmark run.
+
+    Attributes:
+        model: ``mobilenetv2``, ``resnet18`` (random init, calibrated BatchNorm) or ``digits_cnn``/``imu_cnn``
+            (pre-trained on the real data set ``dataset``).
+        train_last: the converter's ``train_last`` (weighted layers counted from the end, the head included).
+        method: ``recipe`` (no compression, whole batch through ``train``) or a compression method run with
+            prefix streaming (``none``, ``svd``, ``hosvd``, ``asi``).
+        epsilon: ε for ``svd``/``hosvd`` (``None`` otherwise).
+        asi_budget: for ``asi``: the saved-activation budget as a fraction of the vanilla saved bytes.
+        batch_size: the static train batch.
+        micro_batch: samples per ``features`` invoke in the streamed plan.
+        input_size: square input side for the paper-scale models (``None``: the data set's shape).
+        dataset: ``digits``/``basicmotions`` for accuracy runs, else ``None``.
+        seed: seeds the data split, pre-training, the model and the fine-tuning batches.
+        warmup: steps before timing; for accuracy runs ``warmup + timed`` is the fine-tuning length.
+        timed: timed steps (the median is reported).
+        cached_steps: timed ``train_features`` steps on cached prefix features (streamed plans).
+        optimizer: ``sgd`` or ``adam``.
+        learning_rate: the optimizer's step size.
+    """
+
+    model: str
+    train_last: int
+    method: Method
+    epsilon: float | None = None
+    asi_budget: float | None = None
+    batch_size: int = 32
+    micro_batch: int = 1
+    input_size: int | None = None
+    dataset: str | None = None
+    seed: int = 0
+    warmup: int = 1
+    timed: int = 3
+    cached_steps: int = 5
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if (self.epsilon is None) == (self.method in ("svd", "hosvd")):
+            raise ValueError(f"{self.method} takes epsilon only for svd/hosvd, got epsilon={self.epsilon}")
+        if (self.asi_budget is None) == (self.method == "asi"):
+            raise ValueError(f"asi needs asi_budget (and only asi takes one), got {self.asi_budget}")
+
+    @property
+    def compression(self) -> str:
+        """The converter's ``compression``: ``recipe`` runs the ``none`` bundle."""
+        return "none" if self.method == "recipe" else self.method
+
+    @property
+    def conversion_key(self) -> tuple:
+        """Runs with equal keys share one bundle (``recipe`` and ``none`` do)."""
+        fields = asdict(self)
+        for name in ("method", "micro_batch", "warmup", "timed", "cached_steps"):
+            fields.pop(name)
+        return (self.compression, *sorted(fields.items()))
+
+    @property
+    def group_key(self) -> tuple:
+        """Runs compared with each other (same model, setting, data and seed; any method)."""
+        return (self.model, self.input_size, self.train_last, self.batch_size, self.dataset, self.seed)
+
+
+# (method, epsilon, asi budget)
+BASELINES = [("recipe", None, None), ("none", None, None)]
+QUICK_METHODS = [*BASELINES, ("hosvd", 0.8, None)]
+FULL_METHODS = [*BASELINES, ("svd", 0.8, None), ("svd", 0.9, None), ("hosvd", 0.7, None), ("hosvd", 0.8, None),
+                ("hosvd", 0.9, None), ("asi", None, 0.5), ("asi", None, 0.25)]
+
+
+def _grid(base: RunSpec, methods: list[tuple]) -> list[RunSpec]:
+    return [replace(base, method=m, epsilon=e, asi_budget=b) for m, e, b in methods]
+
+
+def _data_runs(methods: list[tuple], seeds: tuple[int, ...], fast: bool) -> list[RunSpec]:
+    from demo.run import SETTINGS  # the demo's fine-tuning recipe per data set
+
+    runs = []
+    for dataset, model in DATA_MODELS.items():
+        s = SETTINGS[dataset]
+        steps = s.fast_steps if fast else s.steps
+        for seed in seeds:
+            base = RunSpec(model=model, train_last=s.train_last, method="none", dataset=dataset, seed=seed,
+                           batch_size=s.batch_size, warmup=5, timed=steps - 5, optimizer=s.optimizer,
+                           learning_rate=s.learning_rate, cached_steps=20)
+            runs += _grid(base, methods)
+    return runs
+
+
+def quick() -> list[RunSpec]:
+    """The ``--quick`` suite: real-data accuracy (2 seeds) and the paper-scale models at 96²."""
+    runs = _data_runs(QUICK_METHODS, seeds=(0, 1), fast=True)
+    runs += _grid(RunSpec("mobilenetv2", train_last=5, method="none", input_size=96), QUICK_METHODS)
+    runs += _grid(RunSpec("resnet18", train_last=3, method="none", input_size=96), QUICK_METHODS)
+    return runs
+
+
+def full() -> list[RunSpec]:
+    """The full suite, most telling runs first (a partial run still answers the main questions).
+
+    MobileNetV2 224² with 4 and 2 trainable convolutions (``train_last`` 5 and 3: the convolutions and the
+    head), real-data accuracy over 3 seeds, then ResNet18-style 224² with its last stage (``train_last`` 6:
+    4 convolutions, the strided shortcut and the head, so one tensor crosses from the frozen prefix) and its
+    last block (``train_last`` 3); every method of the issue.
+    """
+    runs = _grid(RunSpec("mobilenetv2", train_last=5, method="none", input_size=224), FULL_METHODS)
+    runs += _data_runs(FULL_METHODS, seeds=(0, 1, 2), fast=False)
+    runs += _grid(RunSpec("resnet18", train_last=6, method="none", input_size=224), FULL_METHODS)
+    runs += _grid(RunSpec("mobilenetv2", train_last=3, method="none", input_size=224), FULL_METHODS)
+    runs += _grid(RunSpec("resnet18", train_last=3, method="none", input_size=224), FULL_METHODS)
+    return runs
+
+
+def tiny() -> list[RunSpec]:
+    """A seconds-long suite for the tests: digits, one seed, the baselines and hosvd, a few steps."""
+    base = RunSpec(model="digits_cnn", train_last=2, method="none", dataset="digits", seed=0, batch_size=8,
+                   warmup=1, timed=3, cached_steps=3)
+    return _grid(base, QUICK_METHODS)
+
+
+SUITES = {"quick": quick, "full": full, "tiny": tiny}
