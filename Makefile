@@ -32,7 +32,8 @@ lint: venv
 test: venv legacy-venv lint
 	$(PY) -m tests.build_bundles $(BUNDLES)
 	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) $(PY) -m pytest -q
-	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) $(LEGACY)/bin/python -m pytest -q -m "not needs_tf" tests/device tests/runtime
+	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) HOSVD_EXPECT_RUNTIME=tflite-runtime \
+		$(LEGACY)/bin/python -m pytest -q -m "not needs_tf" tests/device tests/runtime
 
 demo: venv
 	$(PY) -m demo
