@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from demo import datasets, models, shift
+from demo import datasets, models, scenario
 from demo.broker import BrokerAddress, embedded_broker
 from demo.device import device_process, write_config
 from demo.mqtt_client import DeviceClient, DeviceError
 from demo.report import REPORT_FILE, Summary, plot_report, summary_text, write_summary
+from demo.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +91,6 @@ class Options:
     progress_bar: bool = True
 
 
-@dataclass(frozen=True)
-class DemoData:
-    """The factory part (as recorded) and the new user's parts (with the simulated shift applied)."""
-
-    factory: datasets.Dataset
-    user_train: datasets.Dataset
-    user_holdout: datasets.Dataset
-    user_holdout_unshifted: datasets.Dataset
-    mean: np.ndarray
-    std: np.ndarray
-
-    def normalise(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` with the factory statistics (the bundle's input spec tells the device)."""
-        return ((x - self.mean) / self.std).astype(np.float32)
-
-
 class Timer:
     """Wall-clock seconds per named stage."""
 
@@ -122,41 +107,25 @@ class Timer:
             self.seconds[name] = round(time.monotonic() - start, 2)
 
 
-def prepare_data(name: datasets.DatasetName, settings: Settings, seed: int) -> DemoData:
-    """Load a data set, split it and shift the new user's parts (see :mod:`demo.shift`)."""
-    data = datasets.load(name)
-    split = datasets.split_factory_user(data, settings.factory_fraction, settings.device_train_fraction, seed)
-    move = shift.SHIFTS[name]
-    axes = tuple(range(split.factory.x.ndim - 1))
-    mean = split.factory.x.mean(axis=axes)
-    std = split.factory.x.std(axis=axes) + 1e-6
-    if split.factory.layout == "NHWC":  # images are already in [0, 1]: leave them as they are
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    return DemoData(
-        factory=split.factory,
-        user_train=split.device_train.with_x(move(split.device_train.x)),
-        user_holdout=split.holdout.with_x(move(split.holdout.x)),
-        user_holdout_unshifted=split.holdout,
-        mean=mean.astype(np.float32),
-        std=std.astype(np.float32),
-    )
-
-
 def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def factory_model(data: DemoData, name: str, settings: Settings, seed: int, cache_dir: Path) -> Any:
+def factory_model(data: Scenario, name: str, settings: Settings, seed: int, cache_dir: Path) -> Any:
     """The pre-trained "factory" model, from the cache when the same recipe built it before.
 
-    The cache key covers the data set, seed, epochs and the model's layer configuration, so a change to any of
-    them trains again.
+    The cache key covers the data set name and contents, seed, epochs and the model's layer configuration, so
+    a change to any of them trains again.
     """
     import keras
 
     model = models.build(name, classes=len(data.factory.labels), seed=seed)
     key = _fingerprint(
-        dataset=name, seed=seed, epochs=settings.pretrain_epochs, config=model.to_json(), n=len(data.factory)
+        dataset=name,
+        seed=seed,
+        epochs=settings.pretrain_epochs,
+        config=model.to_json(),
+        data=hashlib.sha256(data.factory.x.tobytes() + data.factory.y.tobytes()).hexdigest(),
     )
     path = cache_dir / f"factory-{name}-{key}.keras"
     if path.is_file():
@@ -171,7 +140,7 @@ def factory_model(data: DemoData, name: str, settings: Settings, seed: int, cach
     return model
 
 
-def convert_bundle(model: Any, data: DemoData, settings: Settings, bundle_dir: Path) -> Any:
+def convert_bundle(model: Any, data: Scenario, settings: Settings, bundle_dir: Path) -> Any:
     """Convert the factory model into a training bundle with HOSVD compression (see ``converter.convert``).
 
     Returns:
@@ -340,7 +309,9 @@ def run(options: Options) -> Summary:
     timer = Timer()
 
     with timer.stage("data"):
-        data = prepare_data(options.dataset, settings, options.seed)
+        data = scenario.prepare(
+            options.dataset, settings.factory_fraction, settings.device_train_fraction, options.seed
+        )
     with timer.stage("factory model"):
         model = factory_model(data, options.dataset, settings, options.seed, out / "cache")
         factory_acc = models.accuracy(model, data.normalise(data.user_holdout_unshifted.x), data.user_holdout.y)

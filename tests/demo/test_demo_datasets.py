@@ -61,9 +61,7 @@ def test_rotate_triads_is_a_rotation_of_each_sensor() -> None:
     np.testing.assert_allclose(r[..., 0], -x[..., 1], atol=1e-6)
     np.testing.assert_allclose(r[..., 1], x[..., 0], atol=1e-6)
     np.testing.assert_allclose(r[..., 5], x[..., 5], atol=1e-6)
-    np.testing.assert_allclose(
-        np.linalg.norm(r[..., 3:], axis=-1), np.linalg.norm(x[..., 3:], axis=-1), rtol=1e-5
-    )
+    np.testing.assert_allclose(np.linalg.norm(r[..., 3:], axis=-1), np.linalg.norm(x[..., 3:], axis=-1), rtol=1e-5)
     np.testing.assert_allclose(shift.rotate_triads(r, -90.0), x, atol=1e-5)
 
 
@@ -78,9 +76,7 @@ def test_shift_and_darken_stays_in_range() -> None:
 def test_edge_impulse_csv_round_trip(tmp_path, motions: datasets.Dataset) -> None:
     part = motions.subset(np.array([0, 25, 50, 75]))
     names = [part.labels[i] for i in part.y]
-    path = datasets.write_edge_impulse_csv(
-        tmp_path / "sub" / "user.csv", part.x, names, part.channels, part.rate_hz
-    )
+    path = datasets.write_edge_impulse_csv(tmp_path / "sub" / "user.csv", part.x, names, part.channels, part.rate_hz)
     header = path.read_text().splitlines()[0]
     assert header == "timestamp,accX,accY,accZ,gyrX,gyrY,gyrZ,label"
     windows, labels, channels, stamps = datasets.read_edge_impulse_csv(path, window_length=100)
@@ -95,3 +91,15 @@ def test_edge_impulse_csv_checks_shapes(tmp_path) -> None:
         datasets.write_edge_impulse_csv(tmp_path / "x.csv", np.zeros((2, 5, 3)), None, ["a", "b"], 10.0)
     with pytest.raises(ValueError, match="one label per window"):
         datasets.write_edge_impulse_csv(tmp_path / "x.csv", np.zeros((2, 5, 2)), ["a"], ["a", "b"], 10.0)
+
+
+def test_scenario_shifts_only_the_new_user() -> None:
+    from demo import scenario
+
+    sc = scenario.prepare("basicmotions", factory=0.5, device_train=0.25, seed=0)
+    assert [len(sc.factory), len(sc.user_train), len(sc.user_holdout)] == [40, 20, 20]
+    np.testing.assert_allclose(sc.user_holdout.x, shift.rotate_triads(sc.user_holdout_unshifted.x), atol=1e-5)
+    np.testing.assert_array_equal(sc.user_holdout.y, sc.user_holdout_unshifted.y)
+    z = sc.normalise(sc.factory.x)
+    np.testing.assert_allclose(z.mean(axis=(0, 1)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=(0, 1)), 1.0, atol=1e-3)
