@@ -190,7 +190,18 @@ def render(results_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path)
+    parser.add_argument("--write", action="store_true",
+                        help="also (re)write records.json, report.md and the plots in the directory (e.g. after "
+                             "an interrupted run, from records.jsonl)")
     args = parser.parse_args(argv)
+    if args.write:
+        from bench.plots import write_plots
+        from bench.runner import RECORDS_JSON
+
+        records = load_records(args.results_dir, from_jsonl=True)
+        (args.results_dir / RECORDS_JSON).write_text(json.dumps(records, indent=1))
+        write_plots(records, args.results_dir)
+        (args.results_dir / "report.md").write_text(render(args.results_dir))
     sys.stdout.write(render(args.results_dir))
     return 0
 

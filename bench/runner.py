@@ -231,7 +231,8 @@ def run_suite(specs: Iterable[RunSpec], out_dir: Path, invocation: str, cache_di
               on_record: Callable[[dict[str, Any]], None] | None = None, keep_work: bool = False) -> list[dict]:
     """Run every spec; write ``machine.json``, ``records.jsonl`` (as runs finish) and ``records.json``.
 
-    A run that fails is logged and skipped, so one broken configuration does not lose the others.
+    A run that fails is logged and skipped, so one broken configuration does not lose the others; an
+    interrupt (SIGINT) ends the suite early and still writes the results of the runs done.
 
     Returns:
         The records with ratios.
@@ -255,6 +256,8 @@ def run_suite(specs: Iterable[RunSpec], out_dir: Path, invocation: str, cache_di
                 jsonl.flush()
                 if on_record:
                     on_record(record)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: keep what was measured, as a partial run
+        log.warning("interrupted after %d runs; writing the partial results", len(records))
     finally:
         if not keep_work:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -263,11 +266,11 @@ def run_suite(specs: Iterable[RunSpec], out_dir: Path, invocation: str, cache_di
     return records
 
 
-def load_records(results_dir: Path) -> list[dict[str, Any]]:
-    """The records of a results directory: ``records.json``, else ``records.jsonl`` (a run still going or
-    interrupted), with ratios recomputed."""
+def load_records(results_dir: Path, from_jsonl: bool = False) -> list[dict[str, Any]]:
+    """The records of a results directory: ``records.json``, else (or with ``from_jsonl``) ``records.jsonl``
+    (a run still going or interrupted), with ratios recomputed."""
     path = results_dir / RECORDS_JSON
-    if path.is_file():
+    if path.is_file() and not from_jsonl:
         return json.loads(path.read_text())
     lines = (results_dir / RECORDS_JSONL).read_text().splitlines()
     return add_ratios([json.loads(line) for line in lines if line.strip()])
