@@ -88,7 +88,7 @@ def test_one_step_keeps_at_least_eps_of_the_energy():
     """Unconverged (one step), the rank may exceed the paper's, but the kept energy share is still ≥ ε."""
     x = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
     for eps in (0.5, 0.8):
-        ranks, core, factors = run_hosvd(x, eps=eps, iters=1)
+        ranks, _, factors = run_hosvd(x, eps=eps, iters=1)
         ref_ranks, _ = numpy_hosvd(x, eps=eps)
         assert all(r >= ref for r, ref in zip(ranks, ref_ranks, strict=True))
         for mode, u in enumerate(factors):
