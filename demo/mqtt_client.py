@@ -192,7 +192,7 @@ class DeviceClient:
 
         Args:
             command: the command name (``train``, ``evaluate``, ``status``, ...).
-            payload: request fields; a ``transaction`` is added.
+            payload: request fields; a fresh ``transaction`` is added unless it has one.
             timeout_s: how long to wait for the answer.
 
         Returns:
@@ -201,8 +201,8 @@ class DeviceClient:
         Raises:
             DeviceError: an error response or no answer in time.
         """
-        transaction = uuid.uuid4().hex
-        body = {**(payload or {}), "transaction": transaction}
+        body = {"transaction": uuid.uuid4().hex, **(payload or {})}
+        transaction = body["transaction"]
         topic = f"response/{command}"
         with self._lock:
             self._latest.pop(topic, None)

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -260,40 +261,44 @@ def evaluate_bundle(bundle_dir: Path, checkpoints_root: Path | None, x: np.ndarr
 def train_over_mqtt(
     client: DeviceClient, steps: int, progress_bar: bool, timeout_s: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Send ``train``, show progress messages as a bar, and return ``(progress, report)``.
+    """Send ``train``, show its progress messages as a bar, and return ``(progress, report)``.
+
+    Only messages carrying this request's ``transaction`` count, so another client's training (on a shared
+    broker) or a retained report from an earlier run cannot end the wait.
 
     Raises:
-        DeviceError: the device refused, failed, or did not report within ``timeout_s``.
+        DeviceError: the device refused, failed, went offline, or did not report within ``timeout_s``.
     """
     from tqdm import tqdm
 
-    client.request("train", {"steps": steps}, timeout_s=60)
+    transaction = uuid.uuid4().hex
+    client.request("train", {"steps": steps, "transaction": transaction}, timeout_s=60)
     progress: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     with tqdm(total=steps, desc="device training", unit="step", disable=not progress_bar, dynamic_ncols=True) as bar:
         while time.monotonic() < deadline:
             message = client.messages(timeout_s=0.5)
-            if message is None:
+            if message is None or not isinstance(message.payload, dict):
                 continue
-            if message.topic == "progress" and isinstance(message.payload, dict):
-                progress.append(message.payload)
-                bar.update(max(0, int(message.payload.get("step", 0)) - bar.n))
-                bar.set_postfix(
-                    loss=f"{message.payload.get('loss', float('nan')):.3f}",
-                    rss=f"{message.payload.get('rss_mb', 0):.0f}MB",
-                )
-            elif message.topic == "report" and not message.retained and isinstance(message.payload, dict):
-                if message.payload.get("status") == "error":
-                    raise DeviceError(f"training failed on the device: {message.payload.get('error')}")
+            payload = message.payload
+            if message.topic == "status" and not message.retained and _state(payload) in ("error", "offline"):
+                raise DeviceError(f"device went {payload.get('state')} while training: {payload}")
+            if payload.get("transaction") != transaction:
+                continue
+            if message.topic == "progress":
+                progress.append(payload)
+                bar.update(max(0, int(payload.get("step") or 0) - bar.n))
+                bar.set_postfix(loss=_fmt(payload.get("loss"), ".3f"), rss=_fmt(payload.get("rss_mb"), ".0f") + "MB")
+            elif message.topic == "report":
+                if payload.get("status") == "error":
+                    raise DeviceError(f"training failed on the device: {payload.get('error')}")
                 bar.update(steps - bar.n)
-                return progress, message.payload
-            elif (
-                message.topic == "status"
-                and not message.retained  # a retained one is left from an earlier run
-                and _state(message.payload) in ("error", "offline")
-            ):
-                raise DeviceError(f"device went {message.payload.get('state')}: {message.payload}")
+                return progress, payload
     raise DeviceError(f"no training report within {timeout_s:.0f} s")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, int | float) else "?"
 
 
 def _state(payload: Any) -> str | None:
