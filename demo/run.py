@@ -108,6 +108,11 @@ class Timer:
             self.seconds[name] = round(time.monotonic() - start, 2)
 
 
+def prepare_data(name: datasets.DatasetName, settings: Settings, seed: int) -> Scenario:
+    """The demo's scenario for ``name`` with its settings' split fractions (used by ``bench`` too)."""
+    return scenario.prepare(name, settings.factory_fraction, settings.device_train_fraction, seed)
+
+
 def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -314,9 +319,7 @@ def run(options: Options) -> Summary:
     timer = Timer()
 
     with timer.stage("data"):
-        data = scenario.prepare(
-            options.dataset, settings.factory_fraction, settings.device_train_fraction, options.seed
-        )
+        data = prepare_data(options.dataset, settings, options.seed)
     with timer.stage("factory model"):
         model = factory_model(data, options.dataset, settings, options.seed, out / "cache")
         factory_acc = models.accuracy(model, data.normalise(data.user_holdout_unshifted.x), data.user_holdout.y)
