@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from converter.engine import COMPRESSIBLE, frozen_params, run_nodes, saved_shape
 from converter.graph import Graph, Split
-from converter.layers.base import ForwardContext, Node
+from converter.layers.base import INFERENCE, ForwardContext, Node
 
 
 def load_calibration(path: str) -> np.ndarray:
@@ -41,5 +41,6 @@ def saved_activations(graph: Graph, split: Split, x: np.ndarray, batch: int) -> 
         return None
 
     ctx = ForwardContext(training=True, compress=record)
-    run_nodes(graph.nodes, {graph.input_id: tf.constant(x[:batch])}, frozen_params, lambda node: ctx)
+    run_nodes(graph.nodes, {graph.input_id: tf.constant(x[:batch])}, frozen_params,
+              lambda node: ctx if node.name in compressible else INFERENCE)
     return recorded

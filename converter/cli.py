@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--lr", type=float, default=0.01, help="learning rate (changeable on the device)")
     conv.add_argument("--momentum", type=float, default=0.0)
     conv.add_argument("--weight-decay", type=float, default=0.0)
-    conv.add_argument("--max-rank", type=int, default=16, help="static maximum rank per mode (default 16)")
+    conv.add_argument("--max-rank", type=int, default=32,
+                      help="cap on the static rank per mode (default 32); with --calibration-data the static ranks "
+                           "are sized from the measured ε-ranks below it")
     conv.add_argument("--subspace-iters", type=int, default=1,
                       help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt (default 1)")
     conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")

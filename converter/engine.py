@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from converter.compression import Method
 from converter.compression.asi import Asi
-from converter.compression.hosvd import Hosvd
+from converter.compression.hosvd import Hosvd, max_ranks
 from converter.compression.none import Vanilla
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
@@ -33,7 +33,7 @@ COMPRESSIBLE = ("Conv2D", "Conv1D", "DepthwiseConv2D")
 class CompressionSettings:
     method: Method = Method.HOSVD
     epsilon: float = 0.8
-    max_rank: int = 16
+    max_rank: int = 32
     iters: int = 1
 
 
@@ -53,7 +53,7 @@ class TrainingModule(tf.Module):
 
     def __init__(self, graph: Graph, split: Split, loss: Loss, optimizer: OptimizerConfig,
                  compression: CompressionSettings, batch_sizes: list[int],
-                 asi_ranks: dict[str, list[int | None]] | None = None,
+                 ranks: dict[str, list[int | None]] | None = None,
                  calibration: dict[str, np.ndarray] | None = None):
         super().__init__(name="hosvd_edge")
         self.graph, self.split, self.loss, self.opt = graph, split, loss, optimizer
@@ -78,7 +78,7 @@ class TrainingModule(tf.Module):
         for batch in batch_sizes:
             for node in split.trainable:
                 if node.keras_type in COMPRESSIBLE:
-                    self.compressors[f"{node.name}@{batch}"] = self._compressor(node, batch, asi_ranks, calibration)
+                    self.compressors[f"{node.name}@{batch}"] = self._compressor(node, batch, ranks, calibration)
 
     # -- construction -------------------------------------------------------------------------------------
     def _add_var(self, layer: str, role: str, value, name: str | None = None) -> tf.Variable:
@@ -88,20 +88,21 @@ class TrainingModule(tf.Module):
         self.weight_specs.append(WeightSpec(name=name, layer=layer, role=role, shape=list(var.shape)))
         return var
 
-    def _compressor(self, node: Node, batch: int, asi_ranks, calibration):
+    def _compressor(self, node: Node, batch: int, ranks_by_node, calibration):
         shape = saved_shape(node, batch)
         c = self.compression
         if c.method == Method.NONE:
             return Vanilla(shape)
-        if c.method == Method.SVD:
-            return BatchSvd(shape, c.epsilon, c.max_rank, c.iters)
-        if c.method == Method.HOSVD:
-            return Hosvd(shape, c.epsilon, c.max_rank, c.iters)
+        method_cls = {Method.SVD: BatchSvd, Method.HOSVD: Hosvd}.get(c.method)
+        if ranks_by_node and node.name in ranks_by_node:  # sized at conversion (calibration, asi budget)
+            ranks = [None if r is None else min(r, size) for r, size in zip(ranks_by_node[node.name], shape,
+                                                                             strict=True)]
+        else:
+            ranks = max_ranks(shape, c.max_rank, method_cls.modes)
+        if method_cls is not None:
+            return method_cls(shape, c.epsilon, ranks, c.iters)
         suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
-        ranks = list(asi_ranks[node.name])
         calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
-        if ranks[0] is not None:
-            ranks[0] = min(ranks[0], batch)
         asi = Asi(shape, ranks, calib, name=weight_name(node.layer, "asi") + suffix)
         for role, var in asi.variables().items():
             self._vars.append(var)

@@ -49,16 +49,16 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | None], iters: int)
 
 
 class Hosvd:
-    """Per-layer HOSVD settings: static maximum ranks and fixed start matrices."""
+    """Per-layer HOSVD settings: static maximum ranks (``None`` = whole mode) and fixed start matrices."""
 
     method = "hosvd"
     modes: tuple[int, ...] = (0, 1, 2, 3)
 
-    def __init__(self, shape: tuple[int, ...], eps: float, max_rank: int, iters: int):
+    def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int):
         self.shape = shape
         self.eps = eps
         self.iters = iters
-        self.ranks = max_ranks(shape, max_rank, self.modes)
+        self.ranks = ranks
         self.starts = [None if r is None else start_matrix(shape[m], r, seed=m) for m, r in enumerate(self.ranks)]
 
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:

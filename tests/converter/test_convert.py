@@ -167,3 +167,21 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "b" / "model.tflite").write_bytes(b"x")
     assert main(["inspect", str(tmp_path / "b")]) == 2
     assert "format_version must be 1" in capsys.readouterr().err
+
+
+def test_static_ranks_are_sized_from_calibration_and_overlapping_prefix_pools_convert(tmp_path):
+    """Calibration sizes the static ranks above the measured ε-ranks (capped by max_rank); a 3×3/2 max pool
+    in the frozen prefix (no backward needed there) does not get in the way."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    h = layers.MaxPooling2D(3, strides=2, padding="same", name="overlapping_pool")(h)
+    h = layers.Conv2D(12, 3, padding="same", activation="relu", name="body")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, layers.Dense(3, activation="softmax", name="head")(h))
+    calib = np.random.default_rng(0).random((16, 16, 16, 3), dtype=np.float32)
+    manifest = convert(model, tmp_path, train_last=2, compression="hosvd", epsilon=0.8, batch_sizes=(8,),
+                       calibration_data=calib, max_rank=6, measure_memory=False)
+    body = next(i for i in manifest.layers if i.name == "body")
+    for eps_rank, static, size in zip(body.calibrated_ranks, body.ranks, [8, 8, 8, 8], strict=True):
+        assert static == min(eps_rank + eps_rank // 4 + 1, 6, size)
