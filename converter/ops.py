@@ -112,9 +112,17 @@ def unfold(t: tf.Tensor, mode: int) -> tf.Tensor:
 
 
 def gram(t: tf.Tensor, mode: int) -> tf.Tensor:
-    """Gram matrix of the mode-n unfolding, (I_n, I_n). Mode 3 (channels) avoids a transpose."""
+    """Gram matrix of the mode-n unfolding, (I_n, I_n), without a transposed copy of ``t``.
+
+    Batch and channel modes are one matmul of a reshape; the spatial modes are a batched matmul over the
+    axes before them, summed (an unfolding would first materialise a full-size transpose).
+    """
+    b, h, w, c = t.shape
+    if mode == 0:
+        flat = tf.reshape(t, [b, -1])
+        return tf.matmul(flat, flat, transpose_b=True)
     if mode == 3:
-        flat = tf.reshape(t, [-1, t.shape[3]])
+        flat = tf.reshape(t, [-1, c])
         return tf.matmul(flat, flat, transpose_a=True)
-    a = unfold(t, mode)
-    return tf.matmul(a, a, transpose_b=True)
+    rows = tf.reshape(t, [b, h, w * c]) if mode == 1 else tf.reshape(t, [b * h, w, c])
+    return tf.reduce_sum(tf.matmul(rows, rows, transpose_b=True), axis=0)

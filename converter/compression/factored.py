@@ -31,11 +31,16 @@ class Factored(NamedTuple):
 
 
 def project(x: tf.Tensor, factors: tuple[tf.Tensor | None, ...]) -> Factored:
-    """The Tucker form of ``x`` on given factors: ``core = x ×_n U_nᵀ`` for every factor that is not None."""
+    """The Tucker form of ``x`` on given factors: ``core = x ×_n U_nᵀ`` for every factor that is not None.
+
+    The mode that shrinks most goes first, so every later product (and its transposed copy) works on an already
+    smaller tensor: projecting 960 channels onto 32 before touching the batch mode keeps the intermediates 30×
+    smaller than the natural mode order did.
+    """
     core = x
-    for mode, u in enumerate(factors):
-        if u is not None:
-            core = ops.mode_dot(core, u, mode, project=True)
+    present = [(mode, u) for mode, u in enumerate(factors) if u is not None]
+    for mode, u in sorted(present, key=lambda item: item[1].shape[1] / item[1].shape[0]):
+        core = ops.mode_dot(core, u, mode, project=True)
     return Factored(core, tuple(factors))
 
 

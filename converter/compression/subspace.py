@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 _TINY = 1e-30
+_DEPENDENT = 1e-3  # relative norm left after projection below which a column counts as linearly dependent
 
 
 def start_matrix(size: int, rank: int, seed: int = 0) -> np.ndarray:
@@ -23,10 +24,10 @@ def start_matrix(size: int, rank: int, seed: int = 0) -> np.ndarray:
 def orthonormalize(y: tf.Tensor) -> tf.Tensor:
     """Orthonormal columns spanning ``y`` (I, R), column order kept: classical Gram–Schmidt, twice.
 
-    Twice is enough for float32 (Giraud et al.); a column that vanishes stays (nearly) zero and is ranked last
-    by its Rayleigh quotient. The columns are processed in a WHILE loop over a fixed-size (I, R) basis whose
-    not-yet-built columns are zero, so the graph holds one small loop body instead of R unrolled copies
-    (unrolled Gram–Schmidt made conversion slow and graphs huge).
+    Twice is enough for float32 (Giraud et al.); a column that is linearly dependent on the earlier ones becomes
+    zero and is ranked last by its Rayleigh quotient (0). The columns are processed in a WHILE loop over a
+    fixed-size (I, R) basis whose not-yet-built columns are zero, so the graph holds one small loop body instead
+    of R unrolled copies (unrolled Gram–Schmidt made conversion slow and graphs huge).
     """
     size, rank = y.shape
     if rank == 1:
@@ -35,10 +36,14 @@ def orthonormalize(y: tf.Tensor) -> tf.Tensor:
     def body(j: tf.Tensor, q: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         pick = tf.reshape(tf.one_hot(j, rank, dtype=y.dtype), [rank, 1])
         v = tf.matmul(y, pick)
+        before = tf.sqrt(tf.reduce_sum(v * v))
         for _ in range(2):
             v = v - tf.matmul(q, tf.matmul(q, v, transpose_a=True))
-        v = v / tf.maximum(tf.sqrt(tf.reduce_sum(v * v)), _TINY)
-        return j + 1, q + tf.matmul(v, pick, transpose_b=True)
+        after = tf.sqrt(tf.reduce_sum(v * v))
+        # A column (nearly) inside the span already built is rounding noise: normalising it would add a
+        # direction that is not orthogonal to the others and whose Rayleigh quotient overstates the energy.
+        scale = tf.where(after > _DEPENDENT * before + _TINY, 1.0 / tf.maximum(after, _TINY), 0.0)
+        return j + 1, q + tf.matmul(v * scale, pick, transpose_b=True)
 
     _, q = tf.while_loop(lambda j, q: j < rank, body, (tf.constant(0), tf.zeros([size, rank], y.dtype)),
                          maximum_iterations=rank)

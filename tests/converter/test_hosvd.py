@@ -124,3 +124,15 @@ def test_hosvd_runs_identically_in_litert():
     expected = decompose(tf.constant(x))
     assert out["ranks"].tolist() == expected["ranks"].numpy().tolist()
     np.testing.assert_allclose(out["core"], expected["core"].numpy(), atol=1e-4 * np.abs(x).max())
+
+
+def test_rank_deficient_mode_at_eps_one_reconstructs_exactly():
+    """A Conv1D-shaped (B, 1, L, C) activation: the length mode (24) has rank ≤ B·C = 12, so half of its start
+    columns are linearly dependent; they must drop out instead of becoming non-orthogonal noise directions."""
+    x = np.random.default_rng(0).standard_normal((4, 1, 24, 3)).astype(np.float32)
+    ranks = max_ranks(x.shape, 32, (0, 1, 2, 3))
+    starts = [None if r is None else start_matrix(x.shape[m], r, seed=m) for m, r in enumerate(ranks)]
+    factored, effective = hosvd(tf.constant(x), 1.0, starts, 1)
+    assert effective.numpy().tolist() == [4, 1, 12, 3]
+    rebuilt = reconstruct(factored.core.numpy(), [None if u is None else u.numpy() for u in factored.factors])
+    assert np.linalg.norm(rebuilt - x) / np.linalg.norm(x) < 1e-5
