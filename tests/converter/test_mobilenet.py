@@ -23,7 +23,7 @@ def test_mobilenetv2_last4_hosvd_converts_with_builtins_and_keeps_the_weights(tm
     assert not [op for op in manifest.op_census if "Flex" in op or op.startswith("CUSTOM")]
     compressed = [i for i in manifest.layers if i.compression == "hosvd"]
     assert len(compressed) == 3
-    assert all(i.saved_bytes_compressed < i.saved_bytes_vanilla / 10 for i in compressed)
+    assert all(i.saved_bytes_compressed < i.saved_bytes_vanilla / 4 for i in compressed)  # static ranks 32x7x7x32
 
     interpreter = Interpreter(model_path=str(tmp_path / MODEL_FILE), num_threads=2)
     weights = interpreter.get_signature_runner("get_weights")()
