@@ -15,16 +15,19 @@ def rank_from_energy(sigma2: np.ndarray, eps: float) -> int:
     return int(min(np.searchsorted(share, eps - 1e-12) + 1, len(sigma2)))
 
 
+def unfolding(x: np.ndarray, mode: int) -> np.ndarray:
+    """Mode-n unfolding of ``x`` in float64: (I_n, product of the other sizes)."""
+    return np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
+
+
 def mode_spectrum(x: np.ndarray, mode: int) -> np.ndarray:
     """Squared singular values of the mode-n unfolding of ``x`` (descending)."""
-    unfolded = np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
-    return np.linalg.svd(unfolded, compute_uv=False) ** 2
+    return np.linalg.svd(unfolding(x, mode), compute_uv=False) ** 2
 
 
 def mode_basis(x: np.ndarray, mode: int, rank: int) -> np.ndarray:
     """Leading ``rank`` left singular vectors of the mode-n unfolding, float32 (I_n, rank)."""
-    unfolded = np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
-    u, _, _ = np.linalg.svd(unfolded, full_matrices=False)
+    u, _, _ = np.linalg.svd(unfolding(x, mode), full_matrices=False)
     return u[:, :rank].astype(np.float32)
 
 
