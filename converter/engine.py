@@ -71,9 +71,10 @@ class TrainingModule(tf.Module):
                     slot: self._add_var(node.layer, f"optimizer:{slot}", np.zeros(var.shape, np.float32),
                                         name=weight_name(node.layer, f"{role}__{slot}"))
                     for slot in optimizer.slots()}
-        self.lr = self._add_var("", "optimizer:learning_rate", np.float32(optimizer.learning_rate),
+        # Shape [1], not []: ai-edge-litert on aarch64 segfaults resizing a 0-d signature input (set_weights).
+        self.lr = self._add_var("", "optimizer:learning_rate", np.full([1], optimizer.learning_rate, np.float32),
                                 name="optimizer__learning_rate")
-        self.step = self._add_var("", "optimizer:step", np.float32(0), name="optimizer__step")
+        self.step = self._add_var("", "optimizer:step", np.zeros([1], np.float32), name="optimizer__step")
         self.compressors: dict[str, object] = {}  # keyed 'node@batch'
         for batch in batch_sizes:
             for node in split.trainable:
@@ -83,7 +84,10 @@ class TrainingModule(tf.Module):
     # -- construction -------------------------------------------------------------------------------------
     def _add_var(self, layer: str, role: str, value, name: str | None = None) -> tf.Variable:
         name = name or weight_name(layer, role)
-        var = tf.Variable(np.asarray(value, np.float32), name=name)
+        value = np.asarray(value, np.float32)
+        if value.ndim == 0:  # it would become a 0-d set_weights input: see Sig / docs/bundle.md
+            raise ValueError(f"variable {name} is 0-d; bundle variables travel with shape [1] at least")
+        var = tf.Variable(value, name=name)
         self._vars.append(var)
         self.weight_specs.append(WeightSpec(name=name, layer=layer, role=role, shape=list(var.shape)))
         return var
@@ -158,10 +162,11 @@ class TrainingModule(tf.Module):
         weight_grads = self._backward(saved, dlogits)
         step = self.step + 1.0
         updates = [self.step.assign(step), *state_updates]
+        lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
         for node in self.split.trainable:
             for role, var in self.trainable_vars[node.name].items():
                 updates += apply(self.opt, var, weight_grads[node.name][role], self.slots[f"{node.name}/{role}"],
-                                 self.lr, step)
+                                 lr, step)
         with tf.control_dependencies(updates):
             return {Sig.LOSS: tf.identity(loss), Sig.CORRECT: tf.identity(correct)}
 

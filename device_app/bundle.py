@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device_app.runtime import load_interpreter
+from device_app.runtime import check_signature_inputs, load_interpreter
 from hosvd_contract import MODEL_FILE, BundleError, Manifest, Sig, load_manifest
 
 EVAL_BATCH = 64
@@ -48,6 +48,7 @@ class Bundle:
         self.signatures = self.interpreter.get_signature_list()
         self._runners: dict[str, object] = {}
         self._check()
+        check_signature_inputs(self.interpreter, str(self.path))
 
     def _check(self) -> None:
         need = [Sig.INFER, Sig.EVALUATE, Sig.GET_WEIGHTS, Sig.SET_WEIGHTS]

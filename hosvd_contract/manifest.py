@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 bundles had 0-d ``set_weights`` inputs (learning rate, step); the device still reads them except on
+# aarch64 ai-edge-litert, which segfaults on them (``device_app.runtime.check_signature_inputs``).
+READABLE_FORMAT_VERSIONS = (1, 2)
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 
@@ -175,10 +178,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise BundleError(
-                f"manifest format_version must be {FORMAT_VERSION} (this device app), bundle has {version!r}: "
-                "convert the model again with a matching hosvd-convert"
+                f"manifest format_version must be one of {list(READABLE_FORMAT_VERSIONS)} (this device app), "
+                f"bundle has {version!r}: convert the model again with a matching hosvd-convert"
             )
         try:
             return cls(

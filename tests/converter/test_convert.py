@@ -166,7 +166,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps({"format_version": 99}))
     (tmp_path / "b" / "model.tflite").write_bytes(b"x")
     assert main(["inspect", str(tmp_path / "b")]) == 2
-    assert "format_version must be 1" in capsys.readouterr().err
+    assert "format_version must be one of [1, 2]" in capsys.readouterr().err
 
 
 def test_static_ranks_are_sized_from_calibration_and_overlapping_prefix_pools_convert(tmp_path):
