@@ -6,30 +6,13 @@ import pytest
 
 from device_app.runtime import check_signature_inputs, load_interpreter, scalar_inputs
 from hosvd_contract import BundleError
+from tests.runtime.format1 import write_scalar_input_model
 
 
 @pytest.fixture(scope="module")
 def scalar_model(tmp_path_factory):
     """A model with one 0-d signature input, as format-1 bundles had (``optimizer__learning_rate``)."""
-    import tensorflow as tf
-
-    class Module(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.lr = tf.Variable(0.01)
-
-        @tf.function(input_signature=[tf.TensorSpec([], tf.float32, name="optimizer__learning_rate")])
-        def set_weights(self, lr):
-            self.lr.assign(lr)
-            return {"ok": tf.constant(1, tf.int32)}
-
-    module = Module()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [module.set_weights.get_concrete_function()], module)
-    converter.experimental_enable_resource_variables = True
-    path = tmp_path_factory.mktemp("old") / "model.tflite"
-    path.write_bytes(converter.convert())
-    return path
+    return write_scalar_input_model(tmp_path_factory.mktemp("old") / "model.tflite")
 
 
 @pytest.mark.needs_tf
