@@ -19,6 +19,9 @@ IMU_CHANNELS = ["ax", "ay", "az"]
 BUNDLES: dict[str, dict] = {
     "imu_hosvd": dict(compression="hosvd", epsilon=0.9, batch_sizes=(8, 4), learning_rate=0.05),
     "imu_none": dict(compression="none", batch_sizes=(8,), learning_rate=0.05),
+    # The other two methods, for the x86/aarch64 parity check (tests/arm64): no memory measurement needed.
+    "imu_svd": dict(compression="svd", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
+    "imu_asi": dict(compression="asi", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
 }
 
 

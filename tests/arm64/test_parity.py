@@ -1,0 +1,65 @@
+"""x86 and emulated aarch64 train the same bundles to the same numbers, on both device runtimes.
+
+Runs ``tests/arm64/parity.py`` (every method, seeded batches, a few steps, a set_weights restore) with the x86
+virtual environment of each runtime and with its twin in the arm64 root filesystem (``tools/arm64/rootfs.sh
+run``), on the bundles the x86 converter built, and compares losses and every variable within 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.arm64.parity import PARITY_BUNDLES, STEPS
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTFS = REPO / "tools" / "arm64" / "rootfs.sh"
+TOLERANCE = 1e-6
+# runtime -> (x86 interpreter, venv in the rootfs)
+RUNTIMES = {
+    "ai-edge-litert": (REPO / ".venv" / "bin" / "python", "device"),
+    "tflite-runtime": (REPO / ".venv-legacy" / "bin" / "python", "legacy"),
+}
+
+
+def parity_run(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_abs(a: list[float], b: list[float]) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if a else 0.0
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_aarch64_trains_like_x86(runtime: str, bundles_dir: Path) -> None:
+    x86_python, venv = RUNTIMES[runtime]
+    x86 = parity_run([str(x86_python), "-m", "tests.arm64.parity", str(bundles_dir)])
+    arm = parity_run([str(ROOTFS), "run", venv, "python", "-m", "tests.arm64.parity", str(bundles_dir)])
+    assert (x86["machine"], arm["machine"]) == ("x86_64", "aarch64")
+    assert x86["runtime"] == arm["runtime"] and x86["runtime"].startswith(runtime)
+    assert set(x86["bundles"]) == set(arm["bundles"]) == set(PARITY_BUNDLES)
+
+    lines = [f"{runtime}: x86 numpy {x86['numpy']}, aarch64 numpy {arm['numpy']}",
+             "bundle     max|Δloss|  max|Δw|    kernels moved"]
+    for name in PARITY_BUNDLES:
+        a, b = x86["bundles"][name], arm["bundles"][name]
+        assert a["inputs_sha256"] == b["inputs_sha256"], f"{name}: the two machines drew different batches"
+        assert len(a["losses"]) == len(b["losses"]) == STEPS
+        assert set(a["weights"]) == set(b["weights"])
+        d_loss = max(max_abs(a["losses"], b["losses"]), abs(a["restored_loss"] - b["restored_loss"]))
+        d_w = max(max_abs(a["weights"][k], b["weights"][k]) for k in a["weights"])
+        lines.append(f"{name:10} {d_loss:.1e}     {d_w:.1e}    {b['kernels_moved']:.1e}")
+        assert d_loss <= TOLERANCE, f"{name}: losses differ by {d_loss:.3g} (x86 {a['losses']}, aarch64 {b['losses']})"
+        assert d_w <= TOLERANCE, f"{name}: weights differ by {d_w:.3g} after {STEPS} steps"
+        for side, result in (("x86", a), ("aarch64", b)):
+            # The restore put every variable back: the first step repeats (what a checkpoint restore relies on).
+            assert abs(result["restored_loss"] - result["losses"][0]) <= TOLERANCE, side
+            # Training moved the kernels far beyond the tolerance, so equal weights mean equal training.
+            assert result["kernels_moved"] > 1000 * TOLERANCE, (side, name)
+    print("\n".join(lines))
