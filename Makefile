@@ -6,7 +6,7 @@ LEGACY := .venv-legacy
 PY := $(VENV)/bin/python
 BUNDLES := .test-bundles
 
-.PHONY: venv legacy-venv test test-main test-legacy lint demo bench-quick bench clean
+.PHONY: venv legacy-venv test test-main test-legacy test-arm64 lint demo bench-quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,25 @@ test: venv legacy-venv lint
 	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) $(PY) -m pytest -q
 	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) HOSVD_EXPECT_RUNTIME=tflite-runtime \
 		$(LEGACY)/bin/python -m pytest -q -m "not needs_tf" tests/device tests/runtime
+
+# The device side on emulated aarch64 (needs root): a Debian 12 arm64 root filesystem under qemu-user emulating a
+# Pi 4's Cortex-A72, cached under $(ARM64_CACHE) and rebuilt only when its inputs change (tools/arm64/rootfs.sh).
+# The device and runtime tests run there on both runtimes against the bundles the x86 converter built, as in the
+# legacy run above; then the x86/aarch64 parity check runs on the host.
+ARM64 := tools/arm64/rootfs.sh
+ARM64_FIXTURES := .cache/arm64-fixtures
+export ARM64_CACHE ?= $(abspath .cache/arm64)
+ARM64_ENV := HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) HOSVD_ARM64_FIXTURES=$(abspath $(ARM64_FIXTURES))
+
+test-arm64: venv legacy-venv
+	$(PY) -m tests.build_bundles $(BUNDLES)
+	$(PY) -m tests.arm64.fixtures $(ARM64_FIXTURES)
+	$(ARM64) ensure
+	$(ARM64_ENV) HOSVD_EXPECT_RUNTIME=ai-edge-litert \
+		$(ARM64) run device python -m pytest -q -m "not needs_tf" tests/device tests/runtime tests/arm64
+	$(ARM64_ENV) HOSVD_EXPECT_RUNTIME=tflite-runtime \
+		$(ARM64) run legacy python -m pytest -q -m "not needs_tf" tests/device tests/runtime tests/arm64
+	$(ARM64_ENV) $(PY) -m pytest -q -rP tests/arm64
 
 demo: venv
 	$(PY) -m demo
