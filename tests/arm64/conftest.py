@@ -12,7 +12,7 @@ import platform
 
 ON_ARM = platform.machine() in ("aarch64", "arm64")
 
-collect_ignore = ["parity.py", "fixtures.py"]
+collect_ignore: list[str] = []
 if not os.environ.get("HOSVD_ARM64_FIXTURES"):
     collect_ignore += ["test_on_aarch64.py", "test_parity.py"]
 else:

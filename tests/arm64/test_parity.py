@@ -1,8 +1,9 @@
 """x86 and emulated aarch64 train the same bundles to the same numbers, on both device runtimes.
 
-Runs ``tests/arm64/parity.py`` (every method, seeded batches, a few steps, a set_weights restore) with the x86
-virtual environment of each runtime and with its twin in the arm64 root filesystem (``tools/arm64/rootfs.sh
-run``), on the bundles the x86 converter built, and compares losses and every variable within 1e-6.
+Runs ``tests/arm64/parity.py`` (every method; whole-batch and streamed steps, the second after a set_weights
+restore) with the x86 virtual environment of each runtime and with its twin in the arm64 root filesystem
+(``tools/arm64/rootfs.sh run``), on the bundles the x86 converter built, and compares losses and every variable
+within 1e-6.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.arm64.parity import PARITY_BUNDLES, STEPS
+from tests.arm64.parity import MODES, PARITY_BUNDLES, STEPS
 
 REPO = Path(__file__).resolve().parents[2]
 ROOTFS = REPO / "tools" / "arm64" / "rootfs.sh"
@@ -36,6 +37,11 @@ def max_abs(a: list[float], b: list[float]) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if a else 0.0
 
 
+def max_weight_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
+    assert set(a) == set(b)
+    return max(max_abs(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_aarch64_trains_like_x86(runtime: str, bundles_dir: Path) -> None:
     x86_python, venv = RUNTIMES[runtime]
@@ -45,21 +51,23 @@ def test_aarch64_trains_like_x86(runtime: str, bundles_dir: Path) -> None:
     assert x86["runtime"] == arm["runtime"] and x86["runtime"].startswith(runtime)
     assert set(x86["bundles"]) == set(arm["bundles"]) == set(PARITY_BUNDLES)
 
-    lines = [f"{runtime}: x86 numpy {x86['numpy']}, aarch64 numpy {arm['numpy']}",
-             "bundle     max|Δloss|  max|Δw|    kernels moved"]
+    lines = [f"{runtime}: x86 numpy {x86['numpy']}, aarch64 numpy {arm['numpy']}, {STEPS} steps per mode",
+             "bundle     mode      max|Δloss|  max|Δw|    kernels moved"]
     for name in PARITY_BUNDLES:
         a, b = x86["bundles"][name], arm["bundles"][name]
         assert a["inputs_sha256"] == b["inputs_sha256"], f"{name}: the two machines drew different batches"
-        assert len(a["losses"]) == len(b["losses"]) == STEPS
-        assert set(a["weights"]) == set(b["weights"])
-        d_loss = max(max_abs(a["losses"], b["losses"]), abs(a["restored_loss"] - b["restored_loss"]))
-        d_w = max(max_abs(a["weights"][k], b["weights"][k]) for k in a["weights"])
-        lines.append(f"{name:10} {d_loss:.1e}     {d_w:.1e}    {b['kernels_moved']:.1e}")
-        assert d_loss <= TOLERANCE, f"{name}: losses differ by {d_loss:.3g} (x86 {a['losses']}, aarch64 {b['losses']})"
-        assert d_w <= TOLERANCE, f"{name}: weights differ by {d_w:.3g} after {STEPS} steps"
+        for mode in MODES:
+            d_loss = max_abs(a[mode]["losses"], b[mode]["losses"])
+            d_w = max_weight_diff(a[mode]["weights"], b[mode]["weights"])
+            lines.append(f"{name:10} {mode:9} {d_loss:.1e}     {d_w:.1e}    {b[mode]['kernels_moved']:.1e}")
+            assert len(b[mode]["losses"]) == STEPS
+            assert d_loss <= TOLERANCE, f"{name} {mode}: losses differ by {d_loss:.3g}"
+            assert d_w <= TOLERANCE, f"{name} {mode}: variables differ by {d_w:.3g} after {STEPS} steps"
+            # Training moved the kernels far beyond the tolerance, so equal variables mean equal training.
+            assert b[mode]["kernels_moved"] > 1000 * TOLERANCE, (name, mode)
         for side, result in (("x86", a), ("aarch64", b)):
-            # The restore put every variable back: the first step repeats (what a checkpoint restore relies on).
-            assert abs(result["restored_loss"] - result["losses"][0]) <= TOLERANCE, side
-            # Training moved the kernels far beyond the tolerance, so equal weights mean equal training.
-            assert result["kernels_moved"] > 1000 * TOLERANCE, (side, name)
+            # The streamed run began from the restored start: it retraces the whole-batch run step by step.
+            assert max_abs(result["whole"]["losses"], result["streamed"]["losses"]) <= TOLERANCE, (side, name)
+            assert max_weight_diff(result["whole"]["weights"], result["streamed"]["weights"]) <= TOLERANCE, \
+                (side, name)
     print("\n".join(lines))
