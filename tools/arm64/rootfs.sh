@@ -14,9 +14,9 @@
 #
 # run: a private mount namespace (every mount vanishes with the command, even when it is killed) with /proc, an
 # aarch64 /proc/cpuinfo (qemu 7.2 passes the host's x86 one through, and ai-edge-litert's Interpreter() segfaults
-# on it), /dev, /sys, a fresh /tmp and the repository bind-mounted at its own path, then chroot. qemu emulates
-# $QEMU_CPU (default cortex-a72, a Pi 4; cortex-a76 is a Pi 5). The environment is cleared except CI, QEMU_CPU,
-# HOSVD_* and PYTEST_ADDOPTS.
+# on it: cpuinfo-$QEMU_CPU here), /dev, /sys, a fresh /tmp and the repository bind-mounted at its own path and
+# at /src/hosvd-edge (on the venvs' sys.path), then chroot. qemu emulates $QEMU_CPU: cortex-a72 (default, a Pi 4)
+# or cortex-a76 (a Pi 5). The environment is cleared except CI, QEMU_CPU, HOSVD_* and PYTEST_ADDOPTS.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,6 +31,7 @@ readonly MIRROR=${ARM64_MIRROR:-http://deb.debian.org/debian}
 # systemd for systemd-analyze and shellcheck: the unit and deploy-script tests run here too.
 readonly PACKAGES=python3,python3-venv,mosquitto,mosquitto-clients,openssl,systemd,shellcheck
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}
+readonly CPUINFO=$SCRIPT_DIR/cpuinfo-$QEMU_CPU
 
 log() { printf '[arm64] %s\n' "$*" >&2; }
 die() { printf '[arm64] error: %s\n' "$*" >&2; exit 1; }
@@ -159,6 +160,7 @@ build_venv() {
 in_rootfs() {
     local venv=$1 path=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
     shift
+    [ -f "$CPUINFO" ] || die "no $CPUINFO: QEMU_CPU must be cortex-a72 (a Pi 4) or cortex-a76 (a Pi 5)"
     [ -z "$venv" ] || path=/opt/venv-$venv/bin:$path
     local keep=(PATH="$path" HOME=/root LANG=C.UTF-8 QEMU_CPU="$QEMU_CPU")
     local var
@@ -178,7 +180,7 @@ in_rootfs() {
         mount --bind "$repo" "$root$repo"
         mount --bind "$repo" "$root$src"
         exec chroot "$root" /usr/bin/env -i "$@"
-    ' in_rootfs "$ROOTFS" "$REPO" "$SRC" "$SCRIPT_DIR/cpuinfo-cortex-a72" "${keep[@]}" \
+    ' in_rootfs "$ROOTFS" "$REPO" "$SRC" "$CPUINFO" "${keep[@]}" \
         /bin/sh -c 'cd "$0" && exec "$@"' "$REPO" "$@"
 }
 
