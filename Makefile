@@ -65,4 +65,4 @@ bench: venv
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(LEGACY) $(BUNDLES)
+	rm -rf $(VENV) $(LEGACY) $(BUNDLES) $(ARM64_FIXTURES)
