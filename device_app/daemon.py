@@ -2,9 +2,9 @@
 
 Threads: paho's network thread only queues requests; one dispatcher thread validates and answers them in
 order; each source has a thread (:mod:`device_app.collector`); a child job (train/evaluate/probe) runs from a
-worker thread (:mod:`device_app.jobrunner`); the systemd watchdog has its own. The main thread waits for a
-signal and then runs the one shutdown path: stop sources, stop the job, publish ``offline``, disconnect,
-close the store.
+worker thread (:mod:`device_app.jobrunner`); the systemd watchdog has its own, and pings only while the main
+loop goes round. The main thread publishes state changes until a signal, then runs the one shutdown path: stop
+sources, stop the job, publish ``offline``, disconnect, close the store.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ from device_app.requests import (
 )
 from device_app.sources.base import SourceContext
 from device_app.store import Store
-from device_app.systemd_notify import Notifier, start_watchdog_thread
+from device_app.systemd_notify import Notifier, start_watchdog_thread, watchdog_interval
 from device_app.trainer import ChildError, run_job
 from hosvd_contract import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
+MAIN_LOOP_PERIOD_S = 0.5
 
 
 class CommandError(RuntimeError):
@@ -84,6 +85,8 @@ class Daemon:
         self.probe: dict[str, Any] = {}
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.heartbeat: float | None = None  # when the main loop last went round (None: not started yet)
+        self.stuck_after_s = float("inf")
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
@@ -310,11 +313,23 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
+    def main_loop_alive(self) -> bool:
+        """The watchdog's liveness check: the main loop went round within the last ``stuck_after_s`` (start-up,
+        before the loop runs, counts as alive: systemd's TimeoutStartSec= covers it)."""
+        return self.heartbeat is None or time.monotonic() - self.heartbeat < self.stuck_after_s
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop_event.set())
-        watchdog = start_watchdog_thread(self.notifier, self.stop_event)
+        interval = watchdog_interval()
+        # A main loop stuck for a whole watchdog interval withholds the pings, so systemd restarts the daemon;
+        # the loop goes round at least 4 times per interval.
+        period = MAIN_LOOP_PERIOD_S if interval is None else min(MAIN_LOOP_PERIOD_S, interval / 4)
+        if interval is not None:
+            self.stuck_after_s = interval
+        watchdog = start_watchdog_thread(self.notifier, self.stop_event, interval=interval,
+                                         alive=self.main_loop_alive)
         try:
             self.load_bundle(self.bundle_name)
         except (BundleError, ChildError) as err:
@@ -327,7 +342,9 @@ class Daemon:
         if self.collector is not None:
             self.collector.autostart()
         last_state = None
-        while not self.stop_event.wait(0.5):
+        self.heartbeat = time.monotonic()
+        while not self.stop_event.wait(period):
+            self.heartbeat = time.monotonic()
             state = self.state()
             if state != last_state:
                 last_state = state
