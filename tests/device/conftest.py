@@ -41,12 +41,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "the condition") -> None:
-    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds (never a fixed sleep)."""
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "the condition",
+               detail: Callable[[], str] = str) -> None:
+    """Poll ``condition`` until it is true (never a fixed sleep); after ``timeout`` seconds fail naming ``what``,
+    followed by ``detail()`` (e.g. the end of a daemon's log)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
+            raise TimeoutError(f"{what} did not happen within {timeout} s\n{detail()}".rstrip())
         time.sleep(0.02)
 
 

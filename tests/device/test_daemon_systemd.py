@@ -115,7 +115,8 @@ def test_a_stuck_main_loop_stops_the_watchdog_pings(broker, client_factory, devi
         assert STUCK not in dev.log()
 
         trigger.touch()
-        wait_until(lambda: STUCK in dev.log(), 30, "the watchdog noticing the stuck main loop")
+        wait_until(lambda: STUCK in dev.log(), 30, "the watchdog noticing the stuck main loop",
+                   lambda: dev.log()[-2000:])
         pings_when_stuck = len(systemd.pings())
         wait_until(lambda: dev.log().count(STUCK) >= 4, 30, "three more withheld pings")
         assert len(systemd.pings()) == pings_when_stuck, "WATCHDOG=1 sent while the main loop was stuck"
