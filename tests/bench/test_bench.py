@@ -79,11 +79,13 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
         assert set(r) >= RECORD_FIELDS, RECORD_FIELDS - set(r)
         assert r["peak_rss_mib"] > r["base_rss_mib"] > 0
         assert r["ms_per_step"] > 0 and r["graph_ops"] > 0 and r["convert_s"] > 0
-        assert 0.0 <= r["accuracy_before"] <= 1.0 and 0.0 <= r["accuracy_after"] <= 1.0
         assert r["runtime"].startswith("ai-edge-litert")
         assert r["dataset"] == "digits" and r["input_shape"] == [8, 8, 1]
         assert len(r["loss_curve"]) == r["steps"]
     recipe, none, hosvd = records
+    # one pre-trained model, measured before any step: compression changes training, not inference
+    assert recipe["accuracy_before"] == none["accuracy_before"] == hosvd["accuracy_before"]
+    assert recipe["accuracy_after"] > recipe["accuracy_before"]  # fine-tuning on digits helps (0.66 -> 0.79 here)
     assert recipe["plan"] == "whole" and none["plan"] == hosvd["plan"] == "streamed"
     assert hosvd["ratios"]["vs_recipe"]["peak_rss_mib"] == pytest.approx(hosvd["peak_rss_mib"] / recipe["peak_rss_mib"])
     assert hosvd["ratios"]["vs_none"]["ms_per_step"] == pytest.approx(hosvd["ms_per_step"] / none["ms_per_step"])
