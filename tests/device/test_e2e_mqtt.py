@@ -39,7 +39,7 @@ def test_train_over_mqtt_then_restart_restores_checkpoint(broker, client_factory
     assert report["steps_done"] == 40 and report["global_step"] == 40
     assert report["final_loss"] < report["first_loss"]
     assert report["final_loss"] == pytest.approx(progress[-1]["loss"])  # both the mean of the last 5 steps
-    # the child's own peak (ru_maxrss) bounds every RSS it reported and every sample the daemon took of it (up
+    # the child's own peak (VmHWM) bounds every RSS it reported and every sample the daemon took of it (up
     # to 1 MiB: the kernel's per-thread RSS counters lag by up to 64 pages each)
     assert max(p["rss_mb"] for p in progress) <= report["peak_rss_mb"] + 1.0
     assert report["watched_peak_rss_mb"] <= report["peak_rss_mb"] + 1.0

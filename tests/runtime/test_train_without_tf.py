@@ -2,9 +2,9 @@
 is installed.
 
 The main run uses ai-edge-litert (numpy 2) in an environment where TensorFlow *is* installed: the child imports
-the daemon and trains through ``device_app.bundle.Bundle``, then lists the TensorFlow/Keras modules it loaded,
-which must be none. ``make test`` runs this file again in .venv-legacy with tflite-runtime 2.14 and numpy < 2
-(HOSVD_EXPECT_RUNTIME=tflite-runtime), where TensorFlow is not installed at all.
+the daemon, trains through ``device_app.steps`` (the device's step, streamed plan), then lists the
+TensorFlow/Keras modules it loaded, which must be none. ``make test`` runs this file again in .venv-legacy with
+tflite-runtime 2.14 and numpy < 2 (HOSVD_EXPECT_RUNTIME=tflite-runtime), where TensorFlow is not installed at all.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
     import device_app.daemon  # noqa: F401 - everything the daemon imports
+    from device_app import steps
     from device_app.bundle import Bundle
     from device_app.runtime import runtime_name
 
@@ -36,8 +37,8 @@ CHILD = textwrap.dedent("""
         amp = np.where(y == 0, 0.0, 1.0)[:, None, None]
         return (base + amp * np.sin(2 * np.pi * freq * t[None, :, None])).astype(np.float32), y
 
-    losses = [bundle.train_step(*windows(batch))[0] for _ in range(200)]
-    evaluation = bundle.evaluate(*windows(64))
+    losses = [steps.train_step(bundle, *windows(batch), "streamed", 1)[0] for _ in range(200)]
+    evaluation = steps.evaluate(bundle, *windows(64), "streamed", 1)
     tf_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
     print(json.dumps({"runtime": runtime_name(), "numpy": np.__version__, "losses": losses,
                       "accuracy": evaluation["accuracy"], "tf_modules": tf_modules}))
