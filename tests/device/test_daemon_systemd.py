@@ -37,6 +37,11 @@ class FakeSystemd:
     def texts(self) -> list[str]:
         return [m for _, m in self.messages]
 
+    def idle_after_training(self) -> bool:
+        texts = self.texts()
+        training = next((i for i, m in enumerate(texts) if m.startswith("STATUS=training;")), None)
+        return training is not None and any(m.startswith("STATUS=idle") for m in texts[training:])
+
     def pings(self) -> list[float]:
         """Arrival times of the WATCHDOG=1 messages so far."""
         return [t for t, m in self.messages if m == "WATCHDOG=1"]
@@ -56,7 +61,7 @@ def test_ready_status_watchdog_and_stopping(broker, client_factory, device_facto
         cl.wait("status", idle, timeout=60)
         assert cl.request("train", {"transaction": "sd", "steps": 30})["status"] == "ok"
         cl.wait("report", lambda p: p.get("transaction") == "sd", timeout=120)
-        wait_until(lambda: any(m.startswith("STATUS=idle") for m in systemd.texts()[-5:]), 30, "idle again")
+        wait_until(systemd.idle_after_training, 30, "STATUS=idle after STATUS=training")
         after_training = len(systemd.pings())
         wait_until(lambda: len(systemd.pings()) >= after_training + 2, 30, "two pings after training")
         assert dev.stop() == 0
