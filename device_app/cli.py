@@ -43,13 +43,13 @@ def _collect_first(cfg: Config, seconds: float) -> None:
     from device_app.collector import Collector
     from device_app.sources.base import SourceContext
     from device_app.store import Store
+    from device_app.windowing import check_sources_fit
     from hosvd_contract import load_manifest
 
     manifest = load_manifest(resolve_bundle(cfg.bundles_dir, cfg.model.bundle))
-    channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
+    check_sources_fit(cfg.sources, manifest.input, cfg.model.bundle)
     store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
-    context = SourceContext(channels, manifest.input.rate_hz)
-    collector = Collector(cfg.sources, context, manifest.input.shape[0], store)
+    collector = Collector(cfg.sources, SourceContext.for_input(manifest.input), manifest.input.shape[0], store)
     collector.autostart()
     deadline = time.monotonic() + seconds
     while collector.active() and time.monotonic() < deadline:

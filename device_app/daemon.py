@@ -42,6 +42,7 @@ from device_app.sources.base import SourceContext
 from device_app.store import Store
 from device_app.systemd_notify import Notifier, start_watchdog_thread
 from device_app.trainer import ChildError, run_job
+from device_app.windowing import check_sources_fit
 from hosvd_contract import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,7 @@ class Daemon:
         """
         path = resolve_bundle(self.cfg.bundles_dir, name)
         manifest = load_manifest(path)
-        if self.cfg.sources and manifest.input.layout != "NLC":
-            raise BundleError(f"bundle {name} takes {manifest.input.layout} input {manifest.input.shape}; "
-                              "[[sources]] need a sensor-window (NLC) bundle")
+        check_sources_fit(self.cfg.sources, manifest.input, name)
         probe = run_job(self._job("probe", path))
         if self.collector is not None:
             self.collector.stop()
@@ -116,8 +115,7 @@ class Daemon:
         log.info("Loaded bundle %s (%s, sha256 %s…, %s; child base RSS %.1f MiB, checkpoint step %d; "
                  "%d stale cached features dropped)", name, manifest.model_name, manifest.sha256[:12],
                  probe.get("runtime", "?"), probe["base_rss"] / 2**20, probe["global_step"], dropped)
-        channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
-        self.collector = Collector(self.cfg.sources, SourceContext(channels, manifest.input.rate_hz),
+        self.collector = Collector(self.cfg.sources, SourceContext.for_input(manifest.input),
                                    manifest.input.shape[0], self.store, self.link.topic("samples"))
 
     def _job(self, kind: JobKind, path: Path | None = None, **kwargs: Any) -> Job:
