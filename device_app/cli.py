@@ -111,6 +111,19 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if result["status"] == "ok" else 3
 
 
+def cmd_ha_remove(cfg: Config, args: argparse.Namespace) -> int:
+    """Remove the device from Home Assistant (an empty retained discovery config)."""
+    from device_app.homeassistant import remove
+
+    try:
+        topic = remove(cfg, force=args.force)
+    except RuntimeError as err:
+        print(f"hosvd-device ha-remove: {err}", file=sys.stderr)
+        return 1
+    print(f"removed the device from Home Assistant: cleared {topic}")
+    return 0
+
+
 def explain() -> str:
     """The config reference as text (every key, type, default and meaning)."""
     lines = []
@@ -140,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=None)
     train.add_argument("--collect-seconds", type=float, default=0.0,
                        help="first run the autostart sources this long (or until they end)")
+    ha_remove = sub.add_parser("ha-remove", help="remove the device from Home Assistant (stop the daemon first)")
+    ha_remove.add_argument("--config", default=DEFAULT_CONFIG)
+    ha_remove.add_argument("--force", action="store_true", help="even if the daemon's status says it runs")
     return parser
 
 
@@ -155,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hosvd-device: {err}", file=sys.stderr)
         return 2
     _setup_logging(cfg.device.log_level)
-    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train}[args.command]
+    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train, "ha-remove": cmd_ha_remove}[args.command]
     return handler(cfg, args)
 
 

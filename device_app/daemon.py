@@ -23,6 +23,7 @@ from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.collector import Collector
 from device_app.config import Config
+from device_app.homeassistant import Discovery
 from device_app.jobrunner import Busy, JobRunner
 from device_app.jobs import Job, JobKind
 from device_app.mqtt_link import MqttLink
@@ -85,6 +86,7 @@ class Daemon:
         self.probe: dict[str, Any] = {}
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.homeassistant = Discovery(cfg, self.link, self.publish_status) if cfg.homeassistant.enabled else None
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
@@ -151,12 +153,15 @@ class Daemon:
             "labels": m.labels if m else [], "error": self.bundle_error,
             "global_step": newest[0][0] if newest else 0, "samples": self.store.counts(),
             "collecting": self.collector.active() if self.collector else [], "job": self.jobs.kind,
+            "collect_label": self.collector.session.label if self.collector else None,
             "runtime": self.probe.get("runtime"), "ram_ceiling_mb": self.cfg.training.ram_ceiling_mb,
             "daemon_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "time": time.time(),
         }
 
     def publish_status(self) -> None:
         status = self.status()
+        if self.homeassistant is not None:  # the config first: Home Assistant then reads the states
+            self.homeassistant.announce(status)
         self.link.set_status(status)
         self.notifier.status(f"{status['state']}; bundle {self.bundle_name}; step {status['global_step']}; "
                              f"{status['samples']['total']} windows")
@@ -176,6 +181,8 @@ class Daemon:
             self.collector.feed(name, payload)
 
     def _on_connected(self) -> None:
+        if self.homeassistant is not None:
+            self.homeassistant.connected()
         if not self.ready_sent:
             self.ready_sent = True
             self.notifier.ready()

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_center_crop_keeps_the_models_aspect_ratio() -> None:
 class FakePicamera2:
     """Stands in for picamera2.Picamera2 (the calls the source makes), streaming numbered BGR frames."""
 
-    instances: list[FakePicamera2] = []
+    instances: ClassVar[list[FakePicamera2]] = []
 
     def __init__(self, camera_num: int) -> None:
         if camera_num != 0:
