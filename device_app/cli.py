@@ -111,6 +111,17 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if result["status"] == "ok" else 3
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    """The daemon's state, store counts, training and last report from the state directory (no MQTT)."""
+    import json
+
+    from device_app.snapshot import look, render
+
+    view = look(cfg)
+    print(json.dumps(view, indent=2, default=str) if args.json else render(view))
+    return 0 if view["running"] else 3
+
+
 def cmd_ha_remove(cfg: Config, args: argparse.Namespace) -> int:
     """Remove the device from Home Assistant (an empty retained discovery config)."""
     from device_app.homeassistant import remove
@@ -153,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=None)
     train.add_argument("--collect-seconds", type=float, default=0.0,
                        help="first run the autostart sources this long (or until they end)")
+    status = sub.add_parser("status", help="the daemon's state at a glance, from its state directory (no MQTT)")
+    status.add_argument("--config", default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true", help="print it as JSON")
     ha_remove = sub.add_parser("ha-remove", help="remove the device from Home Assistant (stop the daemon first)")
     ha_remove.add_argument("--config", default=DEFAULT_CONFIG)
     ha_remove.add_argument("--force", action="store_true", help="even if the daemon's status says it runs")
@@ -171,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hosvd-device: {err}", file=sys.stderr)
         return 2
     _setup_logging(cfg.device.log_level)
-    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train, "ha-remove": cmd_ha_remove}[args.command]
+    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train, "status": cmd_status,
+               "ha-remove": cmd_ha_remove}[args.command]
     return handler(cfg, args)
 
 

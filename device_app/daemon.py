@@ -39,6 +39,7 @@ from device_app.requests import (
     parse_request,
     transaction_of,
 )
+from device_app.snapshot import Snapshot
 from device_app.sources.base import SourceContext
 from device_app.store import Store
 from device_app.systemd_notify import Notifier, start_watchdog_thread
@@ -76,6 +77,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
+        self.snapshot = Snapshot(cfg.state_dir)  # for `hosvd-device status`
         self.jobs = JobRunner(cfg.training.rss_poll_s, self.publish_status)
         self.link = MqttLink(cfg.mqtt, cfg.device.id, cfg.mqtt_password(), self.store, self._enqueue,
                              self._on_samples, self._on_connected)
@@ -163,6 +165,7 @@ class Daemon:
         if self.homeassistant is not None:  # the config first: Home Assistant then reads the states
             self.homeassistant.announce(status)
         self.link.set_status(status)
+        self.snapshot.update(status=status)
         self.notifier.status(f"{status['state']}; bundle {self.bundle_name}; step {status['global_step']}; "
                              f"{status['samples']['total']} windows")
 
@@ -236,6 +239,7 @@ class Daemon:
         def progress(event: dict[str, Any]) -> None:
             if event.get("event") == "progress":
                 self.link.publish("progress", {"transaction": req.transaction, **event}, qos=0)
+                self.snapshot.progress(event)
 
         def done(result: dict[str, Any] | None, error: str | None) -> None:
             report = {"transaction": req.transaction, "device_id": self.cfg.device.id,
@@ -243,8 +247,11 @@ class Daemon:
                       "finished": time.time(),
                       "ram_ceiling_mb": t.ram_ceiling_mb, **(result or {"status": "error", "error": error})}
             self.link.publish_reliably("report", report, retain=True)
+            self.snapshot.update(report=report, job=None, progress=None)
 
         self.jobs.submit(job, plan.child_limit_bytes, progress, done)
+        self.snapshot.update(job={"transaction": req.transaction, "steps": steps, "plan": plan.to_dict(),
+                                  "started": started}, progress=None)
         log.info("Training %d steps with %s", steps, plan)
         return {"accepted": True, "steps": steps, "plan": plan.to_dict()}
 
@@ -353,5 +360,6 @@ class Daemon:
         self.jobs.shutdown()
         final = {**self.status(), "state": "offline"}
         self.link.stop(final)
+        self.snapshot.update(status=final)
         self.store.close()
         log.info("Stopped")
