@@ -144,10 +144,8 @@ class Workspace:
                            micro_batch=spec.micro_batch, measure_memory=False)
         wall = time.perf_counter() - started
         layers, vanilla_mib, compressed_mib, static_mib = layer_figures(manifest, src["model"])
-        sig = manifest.train_signature(spec.batch_size)
         self._bundles[key] = {
-            "path": out / "model.tflite", "train": sig.train, "train_features": sig.train_features,
-            "input_shape": list(manifest.input.shape), "classes": len(manifest.labels), "layers": layers,
+            "path": out, "input_shape": list(manifest.input.shape), "layers": layers,
             "vanilla_mib": vanilla_mib, "compressed_mib": compressed_mib, "static_mib": static_mib,
             "graph_ops": sum(manifest.op_census.values()), "convert_s": float(manifest.versions["convert_seconds"]),
             "convert_wall_s": wall, "ram_budget_mb": budget_mb, "epsilon_used": manifest.compression.get(
@@ -176,10 +174,9 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
     src = ws.source(spec)
     plan = "whole" if spec.method == "recipe" else "streamed"
     child_spec = {
-        "model_path": str(bundle["path"]), "threads": THREADS, "plan": plan, "batch_size": spec.batch_size,
-        "micro_batch": spec.micro_batch, "input_shape": bundle["input_shape"], "classes": bundle["classes"],
-        "seed": spec.seed, "train": bundle["train"], "train_features": bundle["train_features"],
-        "warmup": spec.warmup, "timed": spec.timed, "cached_steps": spec.cached_steps, "data": src["data"],
+        "bundle_dir": str(bundle["path"]), "threads": THREADS, "plan": plan, "batch_size": spec.batch_size,
+        "micro_batch": spec.micro_batch, "seed": spec.seed, "warmup": spec.warmup, "timed": spec.timed,
+        "cached_steps": spec.cached_steps, "data": src["data"],
     }
     out = run_child(child_spec, ws.work_dir / "child-spec.json")
     compressed = spec.method not in ("recipe", "none")

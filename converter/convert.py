@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_MODEL = "source.keras"  # the converted Keras model, kept for ``hosvd-convert export-keras``
 
-STAGES = ("parse", "calibrate", "build", "convert", "measure", "write")
+STAGES = ("parse", "calibrate", "build", "convert", "write", "measure")
 
 
 def load_model(path: str | os.PathLike) -> keras.Model:
@@ -250,25 +251,8 @@ def convert(
     os.replace(tmp, model_path)
     convert_seconds = time.perf_counter() - started
 
-    notify("measure")
-    classes = graph.output_shape[-1] if loss_kind == Loss.CROSSENTROPY else 0
-    plan = []
-    for batch in batch_sizes:
-        names = {"train": Sig.train_name(batch, default_batch), "train_features":
-                 Sig.train_name(batch, default_batch, from_features=True)}
-        for mode, micro in (("whole", batch), ("streamed", min(micro_batch, batch))):
-            entry = dict(batch_size=batch, mode=mode, micro_batch=micro,
-                         estimated_peak_bytes=_estimate_peak(graph, sp, module, batch, micro))
-            if measure_memory:
-                spec = dict(names, mode=mode, batch_size=batch, micro_batch=micro, input_shape=graph.input_shape,
-                            label_dtype="int32" if classes else "float32", classes=classes,
-                            label_shape=graph.output_shape)
-                result = measure(model_path, spec)
-                entry |= dict(measured_peak_rss_bytes=result["peak_rss_bytes"],
-                              measured_base_rss_bytes=result["base_rss_bytes"], runtime=result["runtime"])
-            plan.append(MemoryPlanEntry(**entry))
-
     notify("write")
+    classes = graph.output_shape[-1] if loss_kind == Loss.CROSSENTROPY else 0
     spec_fields = dict(shape=list(graph.input_shape), layout=_default_layout(graph.input_shape))
     spec_fields |= input_spec or {}
     comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
@@ -291,7 +275,6 @@ def convert(
                                          Sig.train_name(b, default_batch, from_features=True)) for b in batch_sizes],
         weights=list(module.weight_specs),
         layers=_layer_infos(graph, sp, module, default_batch, calibrated),
-        memory_plan=plan,
         op_census=op_census(flatbuffer),
         versions={"hosvd_edge": converter.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                   "convert_seconds": f"{convert_seconds:.1f}"},
@@ -299,6 +282,21 @@ def convert(
     )
     if len(manifest.labels) != classes and loss_kind == Loss.CROSSENTROPY:
         raise ConversionError(f"{len(manifest.labels)} labels given for a model with {classes} classes")
+    # Written before measuring: the measurement loads the bundle exactly as the device does.
+    (out / MANIFEST_FILE).write_text(manifest.to_json())
+
+    notify("measure")
+    plan = []
+    for batch in batch_sizes:
+        for mode, micro in (("whole", batch), ("streamed", min(micro_batch, batch))):
+            entry = dict(batch_size=batch, mode=mode, micro_batch=micro,
+                         estimated_peak_bytes=_estimate_peak(graph, sp, module, batch, micro))
+            if measure_memory:
+                result = measure(out, batch, mode, micro)
+                entry |= dict(measured_peak_rss_bytes=result["peak_rss_bytes"],
+                              measured_base_rss_bytes=result["base_rss_bytes"], runtime=result["runtime"])
+            plan.append(MemoryPlanEntry(**entry))
+    manifest = dataclasses.replace(manifest, memory_plan=plan)
     (out / MANIFEST_FILE).write_text(manifest.to_json())
     model.save(out / SOURCE_MODEL)  # for export-keras; the device never reads it
     log.info("wrote bundle %s (%d ops, %.1f s)", out, sum(manifest.op_census.values()), convert_seconds)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from device_app import checkpoint
+from device_app import checkpoint, steps
 from device_app.bundle import Bundle
 from device_app.jobs import Job
 from device_app.store import Dataset, Store
@@ -131,7 +131,10 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
             status, reason = "stopped", f"stop requested after {i} steps"
             break
         idx = next(batch_iter)
-        loss, correct = bundle.train_step(x_train[idx], train.y[idx], from_features)
+        if from_features:
+            loss, correct = steps.train_step_on_features(bundle, x_train[idx], train.y[idx])
+        else:
+            loss, correct = steps.train_step(bundle, x_train[idx], train.y[idx], plan.mode, plan.micro_batch)
         step = start_step + i + 1
         if not math.isfinite(loss):
             bundle.set_weights(good)

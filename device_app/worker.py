@@ -11,13 +11,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import resource
 import signal
 import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
 from device_app.jobs import Job
+from device_app.memory import peak_rss_bytes, rss_bytes
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -29,17 +29,6 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the parent-pid check still applies
         pass
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (``/proc/self/statm``)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _run(job: Job, send: Any, stop: Any, parent: int) -> dict[str, Any]:
