@@ -34,6 +34,13 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     print(f"  bundle {cfg.model.bundle} in {cfg.bundles_dir}")
     print(f"  sources: {', '.join(f'{s.name} ({s.type})' for s in cfg.sources) or 'none'}")
     print(f"  ram ceiling: {cfg.training.ram_ceiling_mb or 'none'} MiB")
+    if cfg.homeassistant.enabled:
+        from device_app.homeassistant import discovery_topic
+
+        topic = discovery_topic(cfg.homeassistant, cfg.mqtt.base_topic, cfg.device.id)
+        print(f"  home assistant: announced on {topic}")
+    else:
+        print("  home assistant: off")
     return 0
 
 

@@ -88,6 +88,7 @@ class Daemon:
         self.probe: dict[str, Any] = {}
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.published_state: str | None = None
         self.homeassistant = Discovery(cfg, self.link, self.publish_status) if cfg.homeassistant.enabled else None
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
@@ -162,6 +163,7 @@ class Daemon:
 
     def publish_status(self) -> None:
         status = self.status()
+        self.published_state = status["state"]
         if self.homeassistant is not None:  # the config first: Home Assistant then reads the states
             self.homeassistant.announce(status)
         self.link.set_status(status)
@@ -338,11 +340,10 @@ class Daemon:
         self.link.start()
         if self.collector is not None:
             self.collector.autostart()
-        last_state = None
         while not self.stop_event.wait(0.5):
-            state = self.state()
-            if state != last_state:
-                last_state = state
+            # against what was last published, not last polled: a collection that starts and ends between two
+            # polls (a short clip) must still be followed by a status that says it ended
+            if self.state() != self.published_state:
                 self.publish_status()
         self.shutdown(dispatcher)
         if watchdog is not None:

@@ -145,6 +145,14 @@ def test_home_assistant_discovers_drives_and_removes_the_device(broker, client_f
         assert again["cmps"].keys() == cmps.keys()
         assert len([p for t, p in ha.seen if t == f"{PREFIX}/{CONFIG_TOPIC}"]) == configs + 1
 
+        # a broker restart loses retained messages (no persistence here): the reconnection announces again
+        broker.restart()
+        ha.close()
+        ha = Client(broker.port, PREFIX)
+        assert ha.wait(CONFIG_TOPIC, lambda p: isinstance(p, dict), timeout=30)["cmps"].keys() == cmps.keys()
+        cl = client_factory(broker.port)
+        cl.wait("status", idle, timeout=30)
+
         remove = [sys.executable, "-m", "device_app", "ha-remove", "--config", str(dev.config)]
         refused = subprocess.run(remove, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1 and "is running (state 'idle')" in refused.stderr, refused.stderr
