@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ BUTTONS = {  # command -> (name, icon)
 }
 COLLECT_OFF, COLLECT_UNLABELLED = "off", "unlabelled"
 TRANSACTION = "homeassistant"  # in every request Home Assistant sends, so its answers are recognisable
+MIN_REFRESH_S = 1.0  # a burst of birth messages (or a flood from someone on the broker) makes one announce a second
 
 
 def node_id(base_topic: str, device_id: str) -> str:
@@ -56,13 +58,26 @@ def _request(**fields: Any) -> str:
     return json.dumps({"transaction": TRANSACTION, **fields}, separators=(",", ":"))
 
 
+# Templates (Jinja, as Home Assistant renders them); built by concatenation to keep Jinja's braces readable.
+def _field(key: str) -> str:
+    return "{{ value_json.get('" + key + "') }}"
+
+
+def _windows_in(split: str) -> str:
+    return "{{ value_json.samples.by_label.values() | sum(attribute='" + split + "') }}"
+
+
+def _percent(expression: str) -> str:
+    return "{% set v = " + expression + " %}{{ None if v is none else (v * 100) | round(1) }}"
+
+
 def _sensor(name: str, topic: str, template: str, **extra: Any) -> dict[str, Any]:
     return {"p": "sensor", "name": name, "state_topic": topic, "value_template": template, **extra}
 
 
 def _mib(name: str, topic: str, key: str, **extra: Any) -> dict[str, Any]:
-    return _sensor(name, topic, f"{{{{ value_json.get('{key}') }}}}", device_class="data_size",
-                   unit_of_measurement="MiB", state_class="measurement", suggested_display_precision=1, **extra)
+    return _sensor(name, topic, _field(key), device_class="data_size", unit_of_measurement="MiB",
+                   state_class="measurement", suggested_display_precision=1, **extra)
 
 
 def components(base: str, labels: list[str]) -> dict[str, dict[str, Any]]:
@@ -76,26 +91,24 @@ def components(base: str, labels: list[str]) -> dict[str, dict[str, Any]]:
         labels: the bundle's labels (the collect select's options besides ``off`` and ``unlabelled``).
     """
     status, report, evaluated = f"{base}/status", f"{base}/report", f"{base}/response/evaluate"
-    windows = "{{{{ value_json.samples.by_label.values() | sum(attribute='{}') }}}}"
-    percent = ("{{% set v = {} %}}{{{{ None if v is none else (v * 100) | round(1) }}}}")
     options = [COLLECT_OFF, COLLECT_UNLABELLED, *(x for x in labels if x not in (COLLECT_OFF, COLLECT_UNLABELLED))]
     cmps: dict[str, dict[str, Any]] = {
         "state": _sensor("State", status, "{{ value_json.state }}", device_class="enum", options=STATES,
                          icon="mdi:state-machine"),
-        "windows_train": _sensor("Windows (train)", status, windows.format("train"), state_class="measurement",
+        "windows_train": _sensor("Windows (train)", status, _windows_in("train"), state_class="measurement",
                                  unit_of_measurement="windows", icon="mdi:database"),
-        "windows_val": _sensor("Windows (validation)", status, windows.format("val"),
+        "windows_val": _sensor("Windows (validation)", status, _windows_in("val"),
                                state_class="measurement", unit_of_measurement="windows", icon="mdi:database-check"),
-        "bundle": _sensor("Bundle", status, "{{ value_json.get('bundle') }}", icon="mdi:package-variant"),
-        "global_step": _sensor("Global step", status, "{{ value_json.get('global_step') }}",
+        "bundle": _sensor("Bundle", status, _field("bundle"), icon="mdi:package-variant"),
+        "global_step": _sensor("Global step", status, _field("global_step"),
                                state_class="measurement", icon="mdi:counter"),
         "last_training": _sensor("Last training", report, "{{ value_json.status }}", device_class="enum",
                                  options=REPORT_STATUSES, json_attributes_topic=report,
                                  json_attributes_template="{{ value_json | tojson }}", icon="mdi:school"),
-        "final_loss": _sensor("Final loss", report, "{{ value_json.get('final_loss') }}",
+        "final_loss": _sensor("Final loss", report, _field("final_loss"),
                               state_class="measurement", suggested_display_precision=4, icon="mdi:chart-bell-curve"),
         "val_accuracy": _sensor("Validation accuracy", report,
-                                percent.format("(value_json.get('val_after') or {}).get('accuracy')"),
+                                _percent("(value_json.get('val_after') or {}).get('accuracy')"),
                                 unit_of_measurement="%", state_class="measurement", icon="mdi:target"),
         "peak_rss": _mib("Training peak RSS", report, "peak_rss_mb", icon="mdi:memory",
                          json_attributes_topic=report,
@@ -107,7 +120,7 @@ def components(base: str, labels: list[str]) -> dict[str, dict[str, Any]]:
                                entity_category="diagnostic", icon="mdi:memory-arrow-down"),
         "daemon_rss": _mib("Daemon RSS", status, "daemon_rss_mb", entity_category="diagnostic"),
         "eval_accuracy": _sensor("Evaluation accuracy", evaluated,
-                                 percent.format("(value_json.get('data') or {}).get('accuracy')"),
+                                 _percent("(value_json.get('data') or {}).get('accuracy')"),
                                  unit_of_measurement="%", icon="mdi:clipboard-check-outline"),
         "collect": {
             "p": "select", "name": "Collect", "options": options, "icon": "mdi:record-rec",
@@ -175,6 +188,7 @@ class Discovery:
         self.lock = threading.Lock()
         self.sent: bytes | None = None
         self.refresh_pending = False
+        self.last_refresh = -MIN_REFRESH_S
         link.watch(self.section.status_topic, self._on_home_assistant_status)
 
     def connected(self) -> None:
@@ -194,7 +208,7 @@ class Discovery:
                  len(json.loads(payload)["cmps"]))
 
     def _on_home_assistant_status(self, payload: bytes) -> None:
-        # network thread: only note it and hand the work to one thread (a flood of births makes one refresh)
+        # network thread: only note it and hand the work to one thread
         if payload.strip() != b"online":
             return
         with self.lock:
@@ -205,8 +219,10 @@ class Discovery:
         threading.Thread(target=self._refresh, name="homeassistant", daemon=True).start()
 
     def _refresh(self) -> None:
+        time.sleep(max(0.0, self.last_refresh + MIN_REFRESH_S - time.monotonic()))
         with self.lock:
             self.refresh_pending = False
+            self.last_refresh = time.monotonic()
         self.refresh()
 
 

@@ -144,6 +144,12 @@ def test_home_assistant_discovers_drives_and_removes_the_device(broker, client_f
         again = ha.wait(CONFIG_TOPIC, lambda p: isinstance(p, dict), start=len(ha.seen), timeout=10)
         assert again["cmps"].keys() == cmps.keys()
         assert len([p for t, p in ha.seen if t == f"{PREFIX}/{CONFIG_TOPIC}"]) == configs + 1
+        for _ in range(30):  # a flood of births (or of someone on the broker) is not a flood of configs
+            ha.c.publish(f"{PREFIX}/status", "online", qos=1)
+        with pytest.raises(TimeoutError):  # collect everything for 2.5 s
+            ha.wait(CONFIG_TOPIC, lambda p: False, timeout=2.5)
+        flood = len([p for t, p in ha.seen if t == f"{PREFIX}/{CONFIG_TOPIC}"]) - (configs + 1)
+        assert 1 <= flood <= 3, flood
 
         # a broker restart loses retained messages (no persistence here): the reconnection announces again
         broker.restart()
