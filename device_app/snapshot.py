@@ -56,10 +56,11 @@ class Snapshot:
             self._write()
 
     def progress(self, event: dict[str, Any]) -> None:
-        """Record a progress event; written when :data:`PROGRESS_EVERY_S` passed since the last one was."""
+        """Record a progress event; written if it is a run's first, or :data:`PROGRESS_EVERY_S` after the last."""
         with self.lock:
+            first = self.data["progress"] is None
             self.data["progress"] = event
-            if time.monotonic() - self.progress_written >= PROGRESS_EVERY_S:
+            if first or time.monotonic() - self.progress_written >= PROGRESS_EVERY_S:
                 self.progress_written = time.monotonic()
                 self._write()
 
