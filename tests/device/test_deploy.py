@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -155,10 +156,41 @@ def checkout_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
+SEES_TEST_PACKAGES = """\
+#!/bin/sh
+# This Python, except that a virtual environment it creates also imports from {packages} (the test
+# environment's packages: numpy, paho-mqtt, pip itself, ...), so install.sh installs the real wheel offline
+# with --no-deps, and the venv needs no pip of its own (ensurepip is most of the time a venv takes).
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+    shift 2
+    "{python}" -m venv --without-pip "$@" || exit $?
+    echo "{packages}" > "$1/lib/python{version}/site-packages/test-packages.pth"
+    exit 0
+fi
+exec "{python}" "$@"
+"""
+
+
+def python_seeing_test_packages(directory: Path) -> Path:
+    """A ``--python`` for install.sh whose venvs can import this environment's packages (import packages only:
+    no ``*.dist-info``, so pip sees neither them nor this environment's own hosvd-edge)."""
+    packages = directory / "test-packages"
+    packages.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.endswith((".dist-info", ".pth")) and entry.name not in ("__pycache__", "_virtualenv.py") \
+                and not entry.name.startswith("__editable__"):
+            (packages / entry.name).symlink_to(entry)
+    python = directory / "python"
+    python.write_text(SEES_TEST_PACKAGES.format(python=sys.executable, packages=packages,
+                                                version=f"{sys.version_info[0]}.{sys.version_info[1]}"))
+    python.chmod(0o755)
+    return python
+
+
 def test_install_real_run_into_tmp_is_idempotent_and_keeps_the_config(tmp_path, checkout_wheel):
-    # --no-deps keeps the install offline and fast: check-config needs only the standard library.
     args = [
         *install_args(tmp_path, "--no-system", "--device-id", "pi-kitchen"),
+        "--python", python_seeing_test_packages(tmp_path),
         "--pip-option=--no-index",
         "--pip-option=--no-deps",
         str(checkout_wheel),
