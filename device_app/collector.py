@@ -8,6 +8,7 @@ that does not fit the model) ends that source with an error in the log.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 from device_app.sources import SourceOptions, make_source
 from device_app.sources.base import Source, SourceContext
 from device_app.store import Store
-from device_app.windowing import Windower
+from device_app.windowing import model_inputs
 
 log = logging.getLogger(__name__)
 RETRY_MIN_S = 1.0
@@ -91,7 +92,7 @@ class Collector:
             if current and current.thread.is_alive():
                 return
             opts = self.options[name]
-            ctx = SourceContext(self.context.channels, self.context.rate_hz, f"{self.samples_topic}/{name}")
+            ctx = dataclasses.replace(self.context, topic=f"{self.samples_topic}/{name}")
             run = Running(make_source(opts, ctx), threading.Event(), threading.Thread())
             run.thread = threading.Thread(target=self._loop, args=(name, run), name=f"source-{name}",
                                           daemon=True)
@@ -133,12 +134,10 @@ class Collector:
     def _loop(self, name: str, run: Running) -> None:
         delay = RETRY_MIN_S
         while not run.stop.is_set():
-            windower = Windower(self.window_length, len(self.context.channels), self.options[name].hop)
             try:
                 run.source.setup()
-                for sample in run.source.samples(run.stop):
-                    window = windower.push(sample)
-                    if window is not None and not self._store(name, window.x, window.label):
+                for window in model_inputs(run.source, run.stop, self.window_length):
+                    if not self._store(name, window.x, window.label):
                         log.info("source %s: collection session complete; stopping all sources", name)
                         with self.lock:
                             for other in self.running.values():

@@ -2,9 +2,9 @@
 
 Threads: paho's network thread only queues requests; one dispatcher thread validates and answers them in
 order; each source has a thread (:mod:`device_app.collector`); a child job (train/evaluate/probe) runs from a
-worker thread (:mod:`device_app.jobrunner`); the systemd watchdog has its own. The main thread waits for a
-signal and then runs the one shutdown path: stop sources, stop the job, publish ``offline``, disconnect,
-close the store.
+worker thread (:mod:`device_app.jobrunner`); the systemd watchdog has its own, and pings only while the main
+loop goes round. The main thread publishes state changes until a signal, then runs the one shutdown path: stop
+sources, stop the job, publish ``offline``, disconnect, close the store.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.collector import Collector
 from device_app.config import Config
+from device_app.homeassistant import Discovery
 from device_app.jobrunner import Busy, JobRunner
 from device_app.jobs import Job, JobKind
 from device_app.mqtt_link import MqttLink
@@ -38,13 +39,16 @@ from device_app.requests import (
     parse_request,
     transaction_of,
 )
+from device_app.snapshot import Snapshot
 from device_app.sources.base import SourceContext
 from device_app.store import Store
-from device_app.systemd_notify import Notifier, start_watchdog_thread
+from device_app.systemd_notify import Notifier, start_watchdog_thread, watchdog_interval
 from device_app.trainer import ChildError, run_job
+from device_app.windowing import check_sources_fit
 from hosvd_contract import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
+MAIN_LOOP_PERIOD_S = 0.5
 
 
 class CommandError(RuntimeError):
@@ -74,6 +78,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
+        self.snapshot = Snapshot(cfg.state_dir)  # for `hosvd-device status`
         self.jobs = JobRunner(cfg.training.rss_poll_s, self.publish_status)
         self.link = MqttLink(cfg.mqtt, cfg.device.id, cfg.mqtt_password(), self.store, self._enqueue,
                              self._on_samples, self._on_connected)
@@ -84,6 +89,10 @@ class Daemon:
         self.probe: dict[str, Any] = {}
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.heartbeat: float | None = None  # when the main loop last went round (None: not started yet)
+        self.stuck_after_s = float("inf")
+        self.published_state: str | None = None
+        self.homeassistant = Discovery(cfg, self.link, self.publish_status) if cfg.homeassistant.enabled else None
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
@@ -101,9 +110,7 @@ class Daemon:
         """
         path = resolve_bundle(self.cfg.bundles_dir, name)
         manifest = load_manifest(path)
-        if self.cfg.sources and manifest.input.layout != "NLC":
-            raise BundleError(f"bundle {name} takes {manifest.input.layout} input {manifest.input.shape}; "
-                              "[[sources]] need a sensor-window (NLC) bundle")
+        check_sources_fit(self.cfg.sources, manifest.input, name)
         probe = run_job(self._job("probe", path))
         if self.collector is not None:
             self.collector.stop()
@@ -116,8 +123,7 @@ class Daemon:
         log.info("Loaded bundle %s (%s, sha256 %s…, %s; child base RSS %.1f MiB, checkpoint step %d; "
                  "%d stale cached features dropped)", name, manifest.model_name, manifest.sha256[:12],
                  probe.get("runtime", "?"), probe["base_rss"] / 2**20, probe["global_step"], dropped)
-        channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
-        self.collector = Collector(self.cfg.sources, SourceContext(channels, manifest.input.rate_hz),
+        self.collector = Collector(self.cfg.sources, SourceContext.for_input(manifest.input),
                                    manifest.input.shape[0], self.store, self.link.topic("samples"))
 
     def _job(self, kind: JobKind, path: Path | None = None, **kwargs: Any) -> Job:
@@ -153,13 +159,18 @@ class Daemon:
             "labels": m.labels if m else [], "error": self.bundle_error,
             "global_step": newest[0][0] if newest else 0, "samples": self.store.counts(),
             "collecting": self.collector.active() if self.collector else [], "job": self.jobs.kind,
+            "collect_label": self.collector.session.label if self.collector else None,
             "runtime": self.probe.get("runtime"), "ram_ceiling_mb": self.cfg.training.ram_ceiling_mb,
             "daemon_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "time": time.time(),
         }
 
     def publish_status(self) -> None:
         status = self.status()
+        self.published_state = status["state"]
+        if self.homeassistant is not None:  # the config first: Home Assistant then reads the states
+            self.homeassistant.announce(status)
         self.link.set_status(status)
+        self.snapshot.update(status=status)
         self.notifier.status(f"{status['state']}; bundle {self.bundle_name}; step {status['global_step']}; "
                              f"{status['samples']['total']} windows")
 
@@ -178,6 +189,8 @@ class Daemon:
             self.collector.feed(name, payload)
 
     def _on_connected(self) -> None:
+        if self.homeassistant is not None:
+            self.homeassistant.connected()
         if not self.ready_sent:
             self.ready_sent = True
             self.notifier.ready()
@@ -231,6 +244,7 @@ class Daemon:
         def progress(event: dict[str, Any]) -> None:
             if event.get("event") == "progress":
                 self.link.publish("progress", {"transaction": req.transaction, **event}, qos=0)
+                self.snapshot.progress(event)
 
         def done(result: dict[str, Any] | None, error: str | None) -> None:
             report = {"transaction": req.transaction, "device_id": self.cfg.device.id,
@@ -238,8 +252,11 @@ class Daemon:
                       "finished": time.time(),
                       "ram_ceiling_mb": t.ram_ceiling_mb, **(result or {"status": "error", "error": error})}
             self.link.publish_reliably("report", report, retain=True)
+            self.snapshot.update(report=report, job=None, progress=None)
 
         self.jobs.submit(job, plan.child_limit_bytes, progress, done)
+        self.snapshot.update(job={"transaction": req.transaction, "steps": steps, "plan": plan.to_dict(),
+                                  "started": started}, progress=None)
         log.info("Training %d steps with %s", steps, plan)
         return {"accepted": True, "steps": steps, "plan": plan.to_dict()}
 
@@ -310,11 +327,23 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
+    def main_loop_alive(self) -> bool:
+        """The watchdog's liveness check: the main loop went round within the last ``stuck_after_s`` (start-up,
+        before the loop runs, counts as alive: systemd's TimeoutStartSec= covers it)."""
+        return self.heartbeat is None or time.monotonic() - self.heartbeat < self.stuck_after_s
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop_event.set())
-        watchdog = start_watchdog_thread(self.notifier, self.stop_event)
+        interval = watchdog_interval()
+        # A main loop stuck for a whole watchdog interval withholds the pings, so systemd restarts the daemon;
+        # the loop goes round at least 4 times per interval.
+        period = MAIN_LOOP_PERIOD_S if interval is None else min(MAIN_LOOP_PERIOD_S, interval / 4)
+        if interval is not None:
+            self.stuck_after_s = interval
+        watchdog = start_watchdog_thread(self.notifier, self.stop_event, interval=interval,
+                                         alive=self.main_loop_alive)
         try:
             self.load_bundle(self.bundle_name)
         except (BundleError, ChildError) as err:
@@ -326,11 +355,12 @@ class Daemon:
         self.link.start()
         if self.collector is not None:
             self.collector.autostart()
-        last_state = None
-        while not self.stop_event.wait(0.5):
-            state = self.state()
-            if state != last_state:
-                last_state = state
+        self.heartbeat = time.monotonic()
+        while not self.stop_event.wait(period):
+            self.heartbeat = time.monotonic()
+            # against what was last published, not last polled: a collection that starts and ends between two
+            # polls (a short clip) must still be followed by a status that says it ended
+            if self.state() != self.published_state:
                 self.publish_status()
         self.shutdown(dispatcher)
         if watchdog is not None:
@@ -348,5 +378,6 @@ class Daemon:
         self.jobs.shutdown()
         final = {**self.status(), "state": "offline"}
         self.link.stop(final)
+        self.snapshot.update(status=final)
         self.store.close()
         log.info("Stopped")

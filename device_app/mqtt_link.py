@@ -52,6 +52,21 @@ def to_json(data: Any) -> bytes:
     return json.dumps(clean(data), separators=(",", ":")).encode()
 
 
+def make_client(cfg: MqttSection, client_id: str, password: str | None) -> paho.Client:
+    """A paho client with the ``[mqtt]`` protocol, credentials, TLS and reconnect backoff (not connected)."""
+    v5 = cfg.protocol == "5"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
+    if cfg.username:
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls:
+        client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(cfg.tls_insecure)
+    client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+    return client
+
+
 class MqttLink:
     """One paho client with the daemon's conventions.
 
@@ -83,19 +98,10 @@ class MqttLink:
         self._acks_lock = threading.Lock()
         self._pending: dict[int, int] = {}  # mid -> outbox id
         self._acked: OrderedDict[int, None] = OrderedDict()
-        v5 = cfg.protocol == "5"
-        self.v5 = v5
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"hosvd-edge-{device_id}",
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, password)
-        if cfg.tls:
-            self.client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED)
-            self.client.tls_insecure_set(cfg.tls_insecure)
+        self.v5 = cfg.protocol == "5"
+        self.watched: dict[str, Callable[[bytes], None]] = {}  # topics outside the base (Home Assistant's)
+        self.client = make_client(cfg, cfg.client_id or f"hosvd-edge-{device_id}", password)
         self.client.will_set(self.topic("status"), to_json({"state": "offline"}), qos=1, retain=True)
-        self.client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
@@ -136,7 +142,8 @@ class MqttLink:
             return
         self.last_error = None
         log.info("Connected to %s:%d", self.cfg.host, self.cfg.port)
-        client.subscribe([(self.topic("request/+"), 1), (self.topic("samples/+"), 0)])
+        client.subscribe([(self.topic("request/+"), 1), (self.topic("samples/+"), 0),
+                          *((topic, 1) for topic in self.watched)])
         self.connected.set()
         if self.status_payload is not None:
             client.publish(self.topic("status"), self.status_payload, qos=1, retain=True)
@@ -159,7 +166,9 @@ class MqttLink:
         rest = msg.topic[len(self.base) + 1:]
         kind, _, name = rest.partition("/")
         try:
-            if kind == "request":
+            if msg.topic in self.watched:
+                self.watched[msg.topic](msg.payload)
+            elif kind == "request":
                 self.on_request(name, msg.payload, msg.properties)
             elif kind == "samples":
                 self.on_samples(name, msg.payload)
@@ -177,6 +186,16 @@ class MqttLink:
             self.store.outbox_done(outbox_id)
 
     # --- publishing ----------------------------------------------------------------------------------------
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``topic`` (outside the base) on every connection; ``callback(payload)`` runs in
+        the network thread, so it must only queue work. Call before :meth:`start`."""
+        self.watched[topic] = callback
+
+    def publish_to(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish ``payload`` at QoS 1 on a topic outside the base, if connected (Home Assistant discovery)."""
+        if self.connected.is_set():
+            self.client.publish(topic, payload, qos=1, retain=retain)
 
     def publish(self, suffix: str, data: Any, qos: int = 1, retain: bool = False) -> None:
         """Publish JSON now if connected (dropped otherwise: progress, responses)."""

@@ -81,6 +81,15 @@ def _array(shape: str, blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape))
 
 
+def window_counts(db: sqlite3.Connection) -> dict[str, object]:
+    """Windows per label and split on any connection to a store (``hosvd-device status`` reads read-only)."""
+    rows = db.execute("SELECT COALESCE(label, ''), split, COUNT(*) FROM samples GROUP BY 1, 2").fetchall()
+    by_label: dict[str, dict[str, int]] = {}
+    for label, split, n in rows:
+        by_label.setdefault(label, {"train": 0, "val": 0})[split] = n
+    return {"total": sum(r[2] for r in rows), "by_label": by_label}
+
+
 class Store:
     """One SQLite file; thread-safe within a process (one connection behind a lock).
 
@@ -177,12 +186,7 @@ class Store:
     def counts(self) -> dict[str, object]:
         """``{"total": n, "by_label": {label: {"train": n, "val": n}}}`` (unlabelled under ``""``)."""
         with self.lock:
-            rows = self._tx("SELECT COALESCE(label, ''), split, COUNT(*) FROM samples "
-                            "GROUP BY 1, 2").fetchall()
-        by_label: dict[str, dict[str, int]] = {}
-        for label, split, n in rows:
-            by_label.setdefault(label, {"train": 0, "val": 0})[split] = n
-        return {"total": sum(r[2] for r in rows), "by_label": by_label}
+            return window_counts(self.db)
 
     def dataset(self, split: str, labels: list[str]) -> Dataset:
         """Labelled windows of ``split`` (``train``, ``val`` or ``all``) whose label is in ``labels``.

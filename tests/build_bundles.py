@@ -1,28 +1,63 @@
 """Small bundles the device tests train, built once with the converter.
 
-``python -m tests.build_bundles OUT_DIR`` writes ``OUT_DIR/<name>/`` for each entry of :data:`BUNDLES` (skipping
-those already there with a matching spec), so the legacy-runtime test run (no TensorFlow) can use them.
+``python -m tests.build_bundles OUT_DIR`` writes ``OUT_DIR/<name>/`` for each entry of :data:`BUNDLES`, so the
+legacy-runtime test run (no TensorFlow) can use them. Each bundle carries a ``build-spec.json`` stamp of its
+options and of a hash of the sources that shape it (``converter/``, ``hosvd_contract/`` and this file); a bundle
+is rebuilt when its stamp no longer matches, so the tests never train what an older converter built.
 
 The IMU model reads windows of 32 samples × 3 accelerometer axes at 50 Hz (layout NLC) and tells 3 classes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("converter", "hosvd_contract", "tests/build_bundles.py")
+STAMP = "build-spec.json"
 
 IMU_SHAPE = (32, 3)
 IMU_LABELS = ["idle", "walk", "shake"]
 IMU_CHANNELS = ["ax", "ay", "az"]
 
+# name -> convert() options on top of the IMU model's (add an entry for a new test bundle).
 BUNDLES: dict[str, dict] = {
+    # what the device tests train
     "imu_hosvd": dict(compression="hosvd", epsilon=0.9, batch_sizes=(8, 4), learning_rate=0.05),
+    # a second, different bundle: the deploy tests push it to a running daemon and have it reload
     "imu_none": dict(compression="none", batch_sizes=(8,), learning_rate=0.05),
     # The other two methods, for the x86/aarch64 parity check (tests/arm64): no memory measurement needed.
     "imu_svd": dict(compression="svd", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
     "imu_asi": dict(compression="asi", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
 }
+
+
+def source_digest(root: Path = REPO) -> str:
+    """sha256 over the path and bytes of every file under :data:`SOURCES` (``__pycache__`` left out)."""
+    digest = hashlib.sha256()
+    for entry in SOURCES:
+        base = root / entry
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*")
+                                                     if p.is_file() and "__pycache__" not in p.parts)
+        for path in files:
+            digest.update(f"{path.relative_to(root)}\0".encode())
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def build_spec(name: str, root: Path = REPO) -> str:
+    """The stamp a fresh bundle ``name`` carries: its options and the source digest."""
+    return json.dumps({"options": BUNDLES[name], "sources": source_digest(root)}, sort_keys=True)
+
+
+def stale(out_dir: str | Path, root: Path = REPO) -> list[str]:
+    """Names of :data:`BUNDLES` under ``out_dir`` that are missing or were built from other options or sources."""
+    out_dir = Path(out_dir)
+    return [name for name in BUNDLES
+            if not (out_dir / name / STAMP).is_file() or (out_dir / name / STAMP).read_text() != build_spec(name, root)]
 
 
 def imu_model(seed: int = 0):
@@ -42,23 +77,18 @@ def imu_model(seed: int = 0):
     return keras.Model(inp, out, name="imu_cnn")
 
 
-def build(out_dir: str | Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Build the named bundles (default: all) under ``out_dir``; returns name -> bundle directory."""
+def build(out_dir: str | Path) -> dict[str, Path]:
+    """Build every bundle of :data:`BUNDLES` under ``out_dir`` whose stamp is stale; returns name -> directory."""
     from converter.convert import convert
 
     out_dir = Path(out_dir)
-    built = {}
-    for name in names or list(BUNDLES):
-        options = BUNDLES[name]
+    for name in stale(out_dir):
         target = out_dir / name
-        stamp = target / "build-spec.json"
-        spec = json.dumps(options, sort_keys=True)
-        if not (stamp.exists() and stamp.read_text() == spec):
-            convert(imu_model(), target, train_last=3, optimizer="sgd", labels=IMU_LABELS,
-                    input_spec=dict(layout="NLC", channels=IMU_CHANNELS, rate_hz=50.0), **options)
-            stamp.write_text(spec)
-        built[name] = target
-    return built
+        (target / STAMP).unlink(missing_ok=True)
+        convert(imu_model(), target, train_last=3, optimizer="sgd", labels=IMU_LABELS,
+                input_spec=dict(layout="NLC", channels=IMU_CHANNELS, rate_hz=50.0), **BUNDLES[name])
+        (target / STAMP).write_text(build_spec(name))
+    return {name: out_dir / name for name in BUNDLES}
 
 
 if __name__ == "__main__":
