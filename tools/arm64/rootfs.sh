@@ -7,8 +7,8 @@
 # ensure (as root): installs debootstrap, qemu-user-static and binfmt-support from Debian when missing, mounts
 # binfmt_misc and enables qemu-aarch64, then keeps under $ARM64_CACHE (default: .cache/arm64 in the repository):
 #   rootfs/                     debootstrap --arch=arm64 --variant=minbase, one stage, with python3, mosquitto, ...
-#   rootfs/opt/venv-device      the `device` extra (ai-edge-litert, numpy 2) + pytest, pinned by constraints-device.txt
-#   rootfs/opt/venv-legacy      the `device-legacy` extra (tflite-runtime 2.14, numpy<2) + pytest, constraints-legacy.txt
+#   rootfs/opt/venv-device      extras device (ai-edge-litert, numpy 2), camera, dev: pinned by constraints-device.txt
+#   rootfs/opt/venv-legacy      device-legacy (tflite-runtime 2.14, numpy<2), camera, dev: constraints-legacy.txt
 # Each part carries a stamp of its inputs (package list; extras from pyproject.toml + constraints file) and is
 # rebuilt only when they change; a part whose build was interrupted has no stamp and is rebuilt.
 #
@@ -68,21 +68,28 @@ binfmt() {
 # A recipe's own text is part of its key: changing how a part is built rebuilds it.
 base_key() { { echo "$SUITE arm64 minbase $PACKAGES"; declare -f build_rootfs; } | sha; }
 
-# The extras as pyproject.toml lists them, so the venvs install what `pip install .[extra]` would.
+# The extras as pyproject.toml lists them, so the venvs install what the Makefile's x86 venvs do.
 requirements() {
-    local extra=$1
-    python3.11 - "$REPO/pyproject.toml" "$extra" <<'EOF'
+    python3.11 - "$REPO/pyproject.toml" "$@" <<'EOF'
 import sys, tomllib
 extras = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]
 tools = [r for r in extras["dev"] if not r.startswith("ruff")]  # what the tests need; no linter
-print("\n".join(extras[sys.argv[2]] + tools))
+print("\n".join([r for extra in sys.argv[2:] for r in extras[extra]] + tools))
 EOF
 }
 
-venv_extra() { case $1 in device) echo device ;; legacy) echo device-legacy ;; *) die "no venv $1 (device, legacy)" ;; esac; }
+# venv -> extras, as .venv-legacy in the Makefile (and .venv without the converter and demo)
+venv_extras() {
+    case $1 in
+        device) echo device camera ;;
+        legacy) echo device-legacy camera ;;
+        *) die "no venv $1 (device, legacy)" ;;
+    esac
+}
 
 venv_key() {
-    { base_key; declare -f build_venv pip_env; requirements "$(venv_extra "$1")"; cat "$SCRIPT_DIR/constraints-$1.txt"; } | sha
+    # shellcheck disable=SC2046 # one word per extra
+    { base_key; declare -f build_venv pip_env; requirements $(venv_extras "$1"); cat "$SCRIPT_DIR/constraints-$1.txt"; } | sha
 }
 
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
@@ -138,9 +145,10 @@ build_venv() {
     local name=$1 key dir=$ROOTFS/opt/venv-$1
     key=$(venv_key "$name")
     stamp_ok "$dir/.hosvd-stamp" "$key" && return 0
-    log "venv-$name in the rootfs: pip install --no-compile (extra $(venv_extra "$name"))"
+    log "venv-$name in the rootfs: pip install --no-compile (extras $(venv_extras "$name"), dev)"
     remove_tree "$dir"
-    requirements "$(venv_extra "$name")" >"$ROOTFS/opt/requirements-$name.txt"
+    # shellcheck disable=SC2046 # one word per extra
+    requirements $(venv_extras "$name") >"$ROOTFS/opt/requirements-$name.txt"
     cp "$SCRIPT_DIR/constraints-$name.txt" "$ROOTFS/opt/constraints-$name.txt"
     # The .pth puts the checkout on sys.path, as the editable install of the x86 venvs (run mounts it at $SRC).
     # shellcheck disable=SC2016,SC2046 # the script expands inside; one word per variable
@@ -206,7 +214,7 @@ ensure() {
 run() {
     [ $# -ge 2 ] || die "usage: $0 run VENV CMD..."
     local venv=$1
-    venv_extra "$venv" >/dev/null
+    venv_extras "$venv" >/dev/null
     stamp_ok "$ROOTFS/opt/venv-$venv/.hosvd-stamp" "$(venv_key "$venv")" ||
         die "the rootfs or venv-$venv is missing or stale: run $0 ensure first"
     in_rootfs "$@"
