@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,11 +12,13 @@ from device_app.sources.base import Sample
 
 @dataclass(frozen=True)
 class Window:
-    """One model input: ``x`` ``(L, C)`` float32, the majority label of its samples, start time (s)."""
+    """One model input: ``x`` ``(L, C)`` float32, the majority label of its samples, start time (s), and the
+    furthest resume mark of each input its samples came from (``{key: rows read}``, see ``Sample.mark``)."""
 
     x: np.ndarray
     label: str | None
     t: float
+    marks: dict[str, int] = field(default_factory=dict)
 
 
 class Windower:
@@ -53,4 +55,8 @@ class Windower:
         x = np.array([s.values for s in self.buffer], dtype=np.float32)
         labels = Counter(s.label for s in self.buffer if s.label is not None)
         label = labels.most_common(1)[0][0] if labels else None
-        return Window(x, label, self.buffer[0].t)
+        marks: dict[str, int] = {}
+        for s in self.buffer:
+            if s.mark is not None:
+                marks[s.mark[0]] = max(marks.get(s.mark[0], 0), s.mark[1])
+        return Window(x, label, self.buffer[0].t, marks)

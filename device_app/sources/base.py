@@ -5,19 +5,29 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from device_app.schema import spec
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One reading: ``t`` in seconds, one value per model channel, an optional label."""
+    """One reading: ``t`` in seconds, one value per model channel, an optional label.
+
+    ``mark`` is set by sources that can resume (CSV replay): ``(key, n)`` says that with this sample ``n`` rows
+    of the input ``key`` have been read. The collector saves the marks of a window's samples with the window,
+    and the source skips that many rows when it starts again (:attr:`SourceContext.resume_from`).
+    """
 
     t: float
     values: tuple[float, ...]
     label: str | None = None
+    mark: tuple[str, int] | None = None
+
+
+def _from_start(key: str) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -26,12 +36,14 @@ class SourceContext:
 
     ``channels`` are the model's input channel names in column order (``manifest.input.channels``, or
     ``ch0..chN`` when the bundle names none), ``rate_hz`` the rate the model expects (``None`` if unknown).
-    ``topic`` is the MQTT topic an ``mqtt`` source listens on.
+    ``topic`` is the MQTT topic an ``mqtt`` source listens on. ``resume_from(key)`` gives how many rows of the
+    input ``key`` are already in stored windows (0 when replaying from the start).
     """
 
     channels: list[str]
     rate_hz: float | None = None
     topic: str = ""
+    resume_from: Callable[[str], int] = field(default=_from_start, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import idle
 
-from device_app.jobs import Job
-from device_app.trainer import ChildError, ChildRun
+from device_app.jobs import ChildError, ChildRun, Job
 
 SLOW_FSYNC_HOOK = '''
 import os, time
