@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,10 +60,11 @@ class Collector:
         store: where windows go.
         samples_topic: ``<base>/<device_id>/samples``; an ``mqtt`` source listens on
             ``<samples_topic>/<name>``.
+        on_change: called (from a source thread) when a source ends, pauses or resumes.
     """
 
     def __init__(self, sources: list[SourceOptions], context: SourceContext, window_length: int, store: Store,
-                 samples_topic: str = "") -> None:
+                 samples_topic: str = "", on_change: Callable[[], None] | None = None) -> None:
         self.options = {s.name: s for s in sources}
         self.context = context
         self.window_length = window_length
@@ -72,10 +74,12 @@ class Collector:
         self.running: dict[str, Running] = {}
         self.lock = threading.Lock()
         self.paused: str | None = None  # why collection waits (disk full), else None
+        self.on_change = on_change or (lambda: None)
 
     def active(self) -> list[str]:
+        """Sources collecting now (a source asked to stop, or done, no longer counts)."""
         with self.lock:
-            return sorted(n for n, r in self.running.items() if r.thread.is_alive())
+            return sorted(n for n, r in self.running.items() if r.thread.is_alive() and not r.stop.is_set())
 
     def unknown(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.options]
@@ -152,7 +156,8 @@ class Collector:
                 if self.paused is None:
                     log.error("source %s: %s; collection paused, retrying with backoff up to %.0f s", name, err,
                               DISK_RETRY_MAX_S)
-                self.paused = str(err)
+                    self.paused = str(err)
+                    self._changed()
                 if stop.wait(delay):
                     with self.lock:
                         session.stored -= 1
@@ -161,6 +166,7 @@ class Collector:
         if self.paused is not None:
             log.info("source %s: space is back; collection resumed", name)
             self.paused = None
+            self._changed()
         return session.windows is None or session.stored < session.windows
 
     def _make_room(self, name: str, err: DiskFull) -> bool:
@@ -173,7 +179,20 @@ class Collector:
             log.warning("source %s: %s; dropped %d cached features to make room", name, err, dropped)
         return dropped > 0
 
+    def _changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception:  # a status that cannot be published must not stop collection
+            log.exception("reporting a collection change failed")
+
     def _loop(self, name: str, run: Running) -> None:
+        try:
+            self._run_source(name, run)
+        finally:
+            run.stop.set()  # ends active() for it even before the thread is gone
+            self._changed()
+
+    def _run_source(self, name: str, run: Running) -> None:
         delay = RETRY_MIN_S
         while not run.stop.is_set():
             windower = Windower(self.window_length, len(self.context.channels), self.options[name].hop)

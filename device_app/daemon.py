@@ -167,7 +167,8 @@ class Daemon:
                      probe.get("runtime", "?"), probe["base_rss"] / 2**20, probe["global_step"], dropped)
             channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
             self.collector = Collector(self.cfg.sources, SourceContext(channels, manifest.input.rate_hz),
-                                       manifest.input.shape[0], self.store, self.link.topic("samples"))
+                                       manifest.input.shape[0], self.store, self.link.topic("samples"),
+                                       self.publish_status)
 
     def _need_bundle(self) -> LoadedBundle:
         if self.loaded is None:
@@ -346,7 +347,7 @@ class Daemon:
     # --- commands ------------------------------------------------------------------------------------------
 
     def cmd_train(self, req: TrainRequest, props: Any) -> dict[str, Any]:
-        loaded = self._need_bundle()
+        loaded = self.verify_bundle()
         options = TrainOptions(steps=req.steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
                                transaction=req.transaction)
 

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import paho.mqtt.client as paho
+import pytest
 from conftest import idle
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -39,6 +40,8 @@ def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, clien
         ("reload", b'{"bundle": "missing"}', "no bundle 'missing'"),
         ("label", b'{"label": "no-such-class", "last": 1}', "is not one of the bundle's labels"),
         ("label", b'{"label": "x", "ids": [1], "last": 2}', "give exactly one of ids or last"),
+        ("label", b'{"label": "idle", "ids": [9223372036854775808]}',
+         "ids: every item must be between 1 and 9223372036854775807"),
         ("collect", b'{"action": "pause"}', "action: must be one of ['start', 'stop']"),
         ("collect", b'{"action": "start", "sources": ["nope"]}', "unknown sources ['nope']"),
         ("stop", b"{}", "nothing to stop"),
@@ -57,6 +60,15 @@ def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, clien
     status = cl.request("status")
     assert status["status"] == "ok" and status["data"]["samples"] == before
     assert status["data"]["bundle"] == "imu_hosvd"
+
+
+def test_deep_nesting_is_invalid_json_not_a_crash() -> None:
+    from device_app.requests import RequestError, parse_request, transaction_of
+
+    payload = b'{"transaction": "t", "ids": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(RequestError, match="payload is not valid JSON: nested too deeply"):
+        parse_request("label", payload, 1 << 20)
+    assert transaction_of(payload) is None
 
 
 def test_mqtt5_response_topics_are_honoured_only_where_allowed(broker, client_factory, device_factory) -> None:

@@ -145,6 +145,25 @@ def test_validation_drop_rolls_the_run_back(tmp_path: Path, imu_bundle: Path, im
     assert restored is not None and restored.step == 60
 
 
+def test_train_step_casts_labels_and_names_a_wrong_window_shape(imu_bundle: Path, imu_manifest: Manifest) -> None:
+    from device_app.bundle import InputError
+
+    batch = imu_manifest.default_batch_size
+    x = class_signal(0, 32 * batch, 3, np.random.default_rng(0)).reshape(batch, 32, 3)
+    y = np.arange(batch) % 3
+    as_int32 = Bundle(imu_bundle, 1).train_step(x, y.astype(np.int32))
+    assert Bundle(imu_bundle, 1).train_step(x, y.astype(np.int64)) == as_int32  # int64 labels cast, same step
+    assert Bundle(imu_bundle, 1).train_step(x, y.astype(np.float64)) == as_int32  # whole-number floats too
+    bundle = Bundle(imu_bundle, 1)
+    with pytest.raises(InputError, match=r"windows of shape \[32\] \(batch \[8, 32\]\), the bundle's input shape "
+                                         r"is \[32, 3\]"):
+        bundle.train_step(x[..., 0], y)  # the channel axis is missing
+    with pytest.raises(InputError, match="labels must be class indices"):
+        bundle.train_step(x, y + 0.5)
+    with pytest.raises(InputError, match=r"\[32, 3\]"):
+        bundle.evaluate(x[:, :16], y)
+
+
 def test_local_train_cli_shows_progress(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import toml_dumps, write_csvs
