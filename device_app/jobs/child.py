@@ -21,6 +21,8 @@ from device_app.memory import peak_rss_bytes, rss_bytes
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# Failures that are a state of the world, not a bug (no data, a full disk, a bad bundle): no traceback in the log.
+EXPECTED_ERRORS = {"TrainingError", "BundleError", "InputError", "DiskFull"}
 
 
 def _die_with_parent() -> None:
@@ -100,7 +102,10 @@ def child_main(job: Job, conn: Connection, stop: Any, parent: int) -> None:
         result["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
         conn.send({"event": "result", "data": result})
     except Exception as err:  # reported to the parent, which answers the request with it
-        log.exception("%s job failed", job.kind)
+        if type(err).__name__ in EXPECTED_ERRORS:
+            log.error("%s job failed: %s", job.kind, err)
+        else:
+            log.exception("%s job failed", job.kind)
         conn.send({"event": "error", "error": str(err) or type(err).__name__, "type": type(err).__name__})
     finally:
         conn.close()
