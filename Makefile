@@ -11,14 +11,14 @@ BUNDLES := .test-bundles
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[converter,device,demo,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[converter,device,camera,demo,dev]'
 	touch $@
 
 # The device side on the legacy runtime: tflite-runtime 2.14 + numpy<2, and no TensorFlow at all.
 $(LEGACY)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LEGACY)
 	$(LEGACY)/bin/pip install --quiet --upgrade pip
-	$(LEGACY)/bin/pip install --quiet -e '.[device-legacy,dev]'
+	$(LEGACY)/bin/pip install --quiet -e '.[device-legacy,camera,dev]'
 	touch $@
 
 venv: $(VENV)/.installed

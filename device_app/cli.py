@@ -46,6 +46,13 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     print(f"  bundle {cfg.model.bundle} in {cfg.bundles_dir}")
     print(f"  sources: {', '.join(f'{s.name} ({s.type})' for s in cfg.sources) or 'none'}")
     print(f"  ram ceiling: {cfg.training.ram_ceiling_mb or 'none'} MiB")
+    if cfg.homeassistant.enabled:
+        from device_app.homeassistant import discovery_topic
+
+        topic = discovery_topic(cfg.homeassistant, cfg.mqtt.base_topic, cfg.device.id)
+        print(f"  home assistant: announced on {topic}")
+    else:
+        print("  home assistant: off")
     return 0
 
 
@@ -55,13 +62,13 @@ def _collect_first(cfg: Config, seconds: float) -> None:
     from device_app.collector import Collector
     from device_app.sources.base import SourceContext
     from device_app.store import Store
+    from device_app.windowing import check_sources_fit
     from hosvd_contract import load_manifest
 
     manifest = load_manifest(resolve_bundle(cfg.bundles_dir, cfg.model.bundle))
-    channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
+    check_sources_fit(cfg.sources, manifest.input, cfg.model.bundle)
     store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
-    context = SourceContext(channels, manifest.input.rate_hz)
-    collector = Collector(cfg.sources, context, manifest.input.shape[0], store)
+    collector = Collector(cfg.sources, SourceContext.for_input(manifest.input), manifest.input.shape[0], store)
     collector.autostart()
     deadline = time.monotonic() + seconds
     while collector.active() and time.monotonic() < deadline:
@@ -113,6 +120,30 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if result["status"] == "ok" else 3
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    """The daemon's state, store counts, training and last report from the state directory (no MQTT)."""
+    import json
+
+    from device_app.snapshot import look, render
+
+    view = look(cfg)
+    print(json.dumps(view, indent=2, default=str) if args.json else render(view))
+    return 0 if view["running"] else 3
+
+
+def cmd_ha_remove(cfg: Config, args: argparse.Namespace) -> int:
+    """Remove the device from Home Assistant (an empty retained discovery config)."""
+    from device_app.homeassistant import remove
+
+    try:
+        topic = remove(cfg, force=args.force)
+    except RuntimeError as err:
+        print(f"hosvd-device ha-remove: {err}", file=sys.stderr)
+        return 1
+    print(f"removed the device from Home Assistant: cleared {topic}")
+    return 0
+
+
 def explain() -> str:
     """The config reference as text (every key, type, default and meaning)."""
     lines = []
@@ -142,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=None)
     train.add_argument("--collect-seconds", type=float, default=0.0,
                        help="first run the autostart sources this long (or until they end)")
+    status = sub.add_parser("status", help="the daemon's state at a glance, from its state directory (no MQTT)")
+    status.add_argument("--config", default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    ha_remove = sub.add_parser("ha-remove", help="remove the device from Home Assistant (stop the daemon first)")
+    ha_remove.add_argument("--config", default=DEFAULT_CONFIG)
+    ha_remove.add_argument("--force", action="store_true", help="even if the daemon's status says it runs")
     return parser
 
 
@@ -157,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hosvd-device: {err}", file=sys.stderr)
         return 2
     _setup_logging(cfg.device.log_level)
-    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train}[args.command]
+    handler = {"run": cmd_run, "check-config": cmd_check, "train": cmd_train, "status": cmd_status,
+               "ha-remove": cmd_ha_remove}[args.command]
     return handler(cfg, args)
 
 

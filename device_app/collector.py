@@ -13,6 +13,7 @@ tries again with backoff (1 s doubling to 30 s) until space returns: nothing alr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import numpy as np
 from device_app.sources import SourceOptions, make_source
 from device_app.sources.base import Source, SourceContext
 from device_app.store import DiskFull, Store
-from device_app.windowing import Window, Windower
+from device_app.windowing import Window, model_inputs
 
 log = logging.getLogger(__name__)
 RETRY_MIN_S = 1.0
@@ -108,8 +109,7 @@ class Collector:
                 return
             opts = self.options[name]
             resume = self.context.resume_from if replay else self.store.progress
-            ctx = SourceContext(self.context.channels, self.context.rate_hz, f"{self.samples_topic}/{name}",
-                                resume)
+            ctx = dataclasses.replace(self.context, topic=f"{self.samples_topic}/{name}", resume_from=resume)
             run = Running(make_source(opts, ctx), threading.Event(), threading.Thread())
             run.thread = threading.Thread(target=self._loop, args=(name, run), name=f"source-{name}",
                                           daemon=True)
@@ -195,12 +195,10 @@ class Collector:
     def _run_source(self, name: str, run: Running) -> None:
         delay = RETRY_MIN_S
         while not run.stop.is_set():
-            windower = Windower(self.window_length, len(self.context.channels), self.options[name].hop)
             try:
                 run.source.setup()
-                for sample in run.source.samples(run.stop):
-                    window = windower.push(sample)
-                    if window is not None and not self._store(name, window, run.stop):
+                for window in model_inputs(run.source, run.stop, self.window_length):
+                    if not self._store(name, window, run.stop):
                         if run.stop.is_set():
                             return
                         log.info("source %s: collection session complete; stopping all sources", name)

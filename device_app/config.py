@@ -89,6 +89,17 @@ class TrainingSection:
     seed: int = spec(0, doc="seed for batch sampling")
 
 
+@dataclass(frozen=True, kw_only=True)
+class HomeAssistantSection:
+    enabled: bool = spec(False, doc="announce the device to Home Assistant (MQTT discovery)")
+    discovery_prefix: str = spec("homeassistant", doc="Home Assistant's discovery prefix",
+                                 pattern=r"[^#+\s]+")
+    status_topic: str = spec("homeassistant/status", doc="Home Assistant's birth topic: the device is "
+                             "announced again when it says online", pattern=r"[^#+\s]+")
+    device_name: str | None = spec(None, doc="the device's name in Home Assistant; default the device id",
+                                   min_len=1, max_len=64)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration, with absolute paths."""
@@ -98,6 +109,7 @@ class Config:
     model: ModelSection
     store: StoreSection
     training: TrainingSection
+    homeassistant: HomeAssistantSection
     sources: list[SourceOptions]
     path: Path
 
@@ -125,7 +137,7 @@ class Config:
 
 
 SECTIONS = {"device": DeviceSection, "mqtt": MqttSection, "model": ModelSection, "store": StoreSection,
-            "training": TrainingSection}
+            "training": TrainingSection, "homeassistant": HomeAssistantSection}
 PATH_KEYS = {"device": ["state_dir"], "mqtt": ["password_file", "ca_file", "cert_file", "key_file"],
              "model": ["bundles_dir"]}
 

@@ -27,6 +27,7 @@ from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.collector import Collector
 from device_app.config import Config
+from device_app.homeassistant import Discovery
 from device_app.jobs import Busy, ChildError, JobRunner, TrainOptions, make_job, probe_bundle, start_training
 from device_app.mqtt_link import MqttLink
 from device_app.plan import PlanError
@@ -41,9 +42,11 @@ from device_app.requests import (
     parse_request,
     transaction_of,
 )
+from device_app.snapshot import Snapshot
 from device_app.sources.base import SourceContext
 from device_app.store import Store
 from device_app.systemd_notify import Notifier, start_watchdog_thread
+from device_app.windowing import check_sources_fit
 from hosvd_contract import MANIFEST_FILE, MODEL_FILE, BundleError, Manifest, file_sha256, load_manifest
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_path, cfg.store.max_samples, cfg.store.val_fraction)
+        self.snapshot = Snapshot(cfg.state_dir)  # for `hosvd-device status`
         self.jobs = JobRunner(cfg.training.rss_poll_s, self.publish_status)
         self.link = MqttLink(cfg.mqtt, cfg.device.id, cfg.mqtt_password(), self.store, self._on_request,
                              self._on_samples, self._on_connected)
@@ -115,6 +119,8 @@ class Daemon:
         self.disk_problem: str | None = None  # a report or checkpoint that failed for lack of space
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.published_state: str | None = None
+        self.homeassistant = Discovery(cfg, self.link, self.publish_status) if cfg.homeassistant.enabled else None
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
@@ -135,9 +141,7 @@ class Daemon:
         """
         path = resolve_bundle(self.cfg.bundles_dir, name)
         manifest = load_manifest(path)
-        if self.cfg.sources and manifest.input.layout != "NLC":
-            raise BundleError(f"bundle {name} takes {manifest.input.layout} input {manifest.input.shape}; "
-                              "[[sources]] need a sensor-window (NLC) bundle")
+        check_sources_fit(self.cfg.sources, manifest.input, name)
         return path, manifest
 
     def load_bundle(self, name: str) -> None:
@@ -165,8 +169,7 @@ class Daemon:
             log.info("Loaded bundle %s (%s, sha256 %s…, %s; child base RSS %.1f MiB, checkpoint step %d; "
                      "%d stale cached features dropped)", name, manifest.model_name, manifest.sha256[:12],
                      probe.get("runtime", "?"), probe["base_rss"] / 2**20, probe["global_step"], dropped)
-            channels = manifest.input.channels or [f"ch{i}" for i in range(manifest.input.shape[-1])]
-            self.collector = Collector(self.cfg.sources, SourceContext(channels, manifest.input.rate_hz),
+            self.collector = Collector(self.cfg.sources, SourceContext.for_input(manifest.input),
                                        manifest.input.shape[0], self.store, self.link.topic("samples"),
                                        self.publish_status)
 
@@ -248,7 +251,8 @@ class Daemon:
             "model_name": m.model_name if m else None, "sha256": m.sha256 if m else None,
             "labels": m.labels if m else [], "error": self.bundle_error or self.bundle_changed or self.disk_full(),
             "global_step": newest[0][0] if newest else 0, "samples": self.store.counts(),
-            "collecting": self.collector.active() if self.collector else [], "job": self.jobs.kind,
+            "collecting": self.collector.active() if self.collector else [],
+            "collect_label": self.collector.session.label if self.collector else None, "job": self.jobs.kind,
             "runtime": loaded.probe.get("runtime") if loaded else None,
             "ram_ceiling_mb": self.cfg.training.ram_ceiling_mb,
             "daemon_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1), "time": time.time(),
@@ -260,7 +264,11 @@ class Daemon:
         except Exception:  # a status that cannot be built (store gone at shutdown) must not break a caller
             log.exception("could not build the status")
             return
+        self.published_state = status["state"]
+        if self.homeassistant is not None:  # the config first: Home Assistant then reads the states
+            self.homeassistant.announce(status)
         self.link.set_status(status)
+        self.snapshot.update(status=status)
         self.notifier.status(f"{status['state']}; bundle {self.bundle_name}; step {status['global_step']}; "
                              f"{status['samples']['total']} windows")
 
@@ -304,6 +312,8 @@ class Daemon:
         if not self.ready_sent:
             self.ready_sent = True
             self.notifier.ready()
+        if self.homeassistant is not None:
+            self.homeassistant.connected()
         threading.Thread(target=self.publish_status, name="status", daemon=True).start()
 
     # --- request handling (dispatcher thread) --------------------------------------------------------------
@@ -353,6 +363,7 @@ class Daemon:
 
         def progress(event: dict[str, Any]) -> None:
             self.link.publish("progress", {"transaction": req.transaction, **event}, qos=0)
+            self.snapshot.progress(event)
 
         try:
             run = start_training(self.cfg, options, bundle_name=loaded.name, probe=loaded.probe,
@@ -361,9 +372,12 @@ class Daemon:
         except BundleError as err:
             self.bundle_changed = str(err)
             raise
+        self.snapshot.update(job={"transaction": req.transaction, "steps": run.job.steps, "plan": run.plan.to_dict(),
+                                  "started": run.started}, progress=None)
         return {"accepted": True, "steps": run.job.steps, "plan": run.plan.to_dict()}
 
     def _report(self, report: dict[str, Any]) -> None:
+        self.snapshot.update(report=report, job=None, progress=None)
         if "disk full" in (report.get("error") or ""):
             self.disk_problem = f"disk full in the state directory {self.cfg.state_dir}: {report['error']}"
         if not self.link.publish_reliably("report", report, retain=True):
@@ -466,15 +480,15 @@ class Daemon:
         self.link.start()
         if self.collector is not None:
             self.collector.autostart()
-        last_state, last_watch = None, time.monotonic()
+        last_watch = time.monotonic()
         while not self.stop_event.wait(0.5):
             if time.monotonic() - last_watch >= WATCH_PERIOD_S:
                 last_watch = time.monotonic()
                 self._watch_bundle()
                 self._watch_disk()
-            state = self.state()
-            if state != last_state:
-                last_state = state
+            # against what was last published, not last polled: a collection that starts and ends between two
+            # polls (a short clip) must still be followed by a status that says it ended
+            if self.state() != self.published_state:
                 self.publish_status()
         self.shutdown(dispatcher)
         if watchdog is not None:
@@ -492,5 +506,6 @@ class Daemon:
         self.jobs.shutdown()
         final = {**self.status(), "state": "offline"}
         self.link.stop(final)
+        self.snapshot.update(status=final)
         self.store.close()
         log.info("Stopped")

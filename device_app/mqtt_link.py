@@ -68,6 +68,21 @@ def to_json(data: Any) -> bytes:
     return json.dumps(clean(data), separators=(",", ":")).encode()
 
 
+def make_client(cfg: MqttSection, client_id: str, password: str | None) -> paho.Client:
+    """A paho client with the ``[mqtt]`` protocol, credentials, TLS and reconnect backoff (not connected)."""
+    v5 = cfg.protocol == "5"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
+    if cfg.username:
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls:
+        client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(cfg.tls_insecure)
+    client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+    return client
+
+
 class MqttLink:
     """One paho client with the daemon's conventions.
 
@@ -99,21 +114,12 @@ class MqttLink:
         self._acks_lock = threading.Lock()
         self._pending: dict[int, int] = {}  # mid -> outbox id
         self._acked: OrderedDict[int, None] = OrderedDict()
-        v5 = cfg.protocol == "5"
-        self.v5 = v5
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"hosvd-edge-{device_id}",
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, password)
-        if cfg.tls:
-            self.client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED)
-            self.client.tls_insecure_set(cfg.tls_insecure)
+        self.v5 = cfg.protocol == "5"
+        self.watched: dict[str, Callable[[bytes], None]] = {}  # topics outside the base (Home Assistant's)
+        self.client = make_client(cfg, cfg.client_id or f"hosvd-edge-{device_id}", password)
         self.client.will_set(self.topic("status"), to_json({"state": "offline"}), qos=1, retain=True)
-        self.client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.connect_properties: Properties | None = None
-        if v5:
+        if self.v5:
             self.connect_properties = Properties(PacketTypes.CONNECT)
             self.connect_properties.MaximumPacketSize = cfg.max_payload_bytes + PACKET_OVERHEAD_BYTES
         self.client.on_connect = self._on_connect
@@ -162,9 +168,11 @@ class MqttLink:
         log.info("Connected to %s:%d (MQTT %s)", self.cfg.host, self.cfg.port, "5" if self.v5 else "3.1.1")
         if self.v5:
             client.subscribe([(self.topic("request/+"), SubscribeOptions(qos=1, noLocal=True)),
-                              (self.topic("samples/+"), SubscribeOptions(qos=0, noLocal=True))])
+                              (self.topic("samples/+"), SubscribeOptions(qos=0, noLocal=True)),
+                              *((topic, SubscribeOptions(qos=1)) for topic in self.watched)])
         else:
-            client.subscribe([(self.topic("request/+"), 1), (self.topic("samples/+"), 0)])
+            client.subscribe([(self.topic("request/+"), 1), (self.topic("samples/+"), 0),
+                              *((topic, 1) for topic in self.watched)])
         self.connected.set()
         if self.status_payload is not None:
             client.publish(self.topic("status"), self.status_payload, qos=1, retain=True)
@@ -197,7 +205,9 @@ class MqttLink:
         rest = msg.topic[len(self.base) + 1:]
         kind, _, name = rest.partition("/")
         try:
-            if kind == "request":
+            if msg.topic in self.watched:
+                self.watched[msg.topic](msg.payload)
+            elif kind == "request":
                 self.on_request(name, msg.payload, getattr(msg, "properties", None), bool(msg.retain))
             elif kind == "samples":
                 self.on_samples(name, msg.payload)
@@ -218,6 +228,16 @@ class MqttLink:
                 log.warning("could not remove delivered report %d from the outbox: %s", outbox_id, err)
 
     # --- publishing ----------------------------------------------------------------------------------------
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``topic`` (outside the base) on every connection; ``callback(payload)`` runs in
+        the network thread, so it must only queue work. Call before :meth:`start`."""
+        self.watched[topic] = callback
+
+    def publish_to(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish ``payload`` at QoS 1 on a topic outside the base, if connected (Home Assistant discovery)."""
+        if self.connected.is_set():
+            self.client.publish(topic, payload, qos=1, retain=retain)
 
     def publish(self, suffix: str, data: Any, qos: int = 1, retain: bool = False) -> None:
         """Publish JSON now if connected (dropped otherwise: progress, responses)."""

@@ -127,6 +127,15 @@ def disk_full_message(directory: str | os.PathLike[str], what: str, err: BaseExc
     return f"disk full: {what} in {os.fspath(directory)} ({free}): {err}"
 
 
+def window_counts(db: sqlite3.Connection) -> dict[str, object]:
+    """Windows per label and split on any connection to a store (``hosvd-device status`` reads read-only)."""
+    rows = db.execute("SELECT COALESCE(label, ''), split, COUNT(*) FROM samples GROUP BY 1, 2").fetchall()
+    by_label: dict[str, dict[str, int]] = {}
+    for label, split, n in rows:
+        by_label.setdefault(label, {"train": 0, "val": 0})[split] = n
+    return {"total": sum(r[2] for r in rows), "by_label": by_label}
+
+
 class Store:
     """One SQLite file; thread-safe within a process (one connection behind a lock).
 
@@ -269,12 +278,7 @@ class Store:
     def counts(self) -> dict[str, object]:
         """``{"total": n, "by_label": {label: {"train": n, "val": n}}}`` (unlabelled under ``""``)."""
         with self.lock:
-            rows = self._tx("SELECT COALESCE(label, ''), split, COUNT(*) FROM samples "
-                            "GROUP BY 1, 2").fetchall()
-        by_label: dict[str, dict[str, int]] = {}
-        for label, split, n in rows:
-            by_label.setdefault(label, {"train": 0, "val": 0})[split] = n
-        return {"total": sum(r[2] for r in rows), "by_label": by_label}
+            return window_counts(self.db)
 
     def split_index(self, split: str, labels: list[str]) -> SplitIndex:
         """Ids and label indices of the labelled windows of ``split`` (``train``, ``val`` or ``all``) whose label is

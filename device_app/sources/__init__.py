@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from device_app.sources.base import Source, SourceContext
 
 SOURCE_TYPES: dict[str, str] = {
+    "camera": "device_app.sources.camera",
     "csv": "device_app.sources.csv_replay",
     "iio": "device_app.sources.iio",
     "mpu6050": "device_app.sources.mpu6050",
@@ -33,9 +34,14 @@ def options_class(kind: str) -> type[SourceOptions]:
     return importlib.import_module(SOURCE_TYPES[kind]).Options
 
 
+def source_class(kind: str) -> type[Source]:
+    """The ``Source`` class of source type ``kind`` (one of :data:`SOURCE_TYPES`)."""
+    return importlib.import_module(SOURCE_TYPES[kind]).Source
+
+
 def make_source(options: SourceOptions, context: SourceContext) -> Source:
     """Instantiate the plug-in for validated ``options`` (nothing is opened until ``setup``)."""
-    return importlib.import_module(SOURCE_TYPES[options.type]).Source(options, context)
+    return source_class(options.type)(options, context)
 
 
-__all__ = ["SOURCE_TYPES", "Sample", "SourceOptions", "make_source", "options_class"]
+__all__ = ["SOURCE_TYPES", "Sample", "SourceOptions", "make_source", "options_class", "source_class"]

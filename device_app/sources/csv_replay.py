@@ -65,7 +65,8 @@ def value_columns(header: list[str], wanted: list[str] | None, channels: list[st
 
 def read_rows(path: Path, wanted: list[str] | None, channels: list[str],
               default_label: str | None) -> Iterator[Sample]:
-    """Samples of one CSV file, ``t`` in seconds from the ``timestamp`` column (row index if absent)."""
+    """Samples of one CSV file, ``t`` in seconds from the ``timestamp`` column (``None`` if absent: the rows
+    are then taken to be at the model's rate)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -73,7 +74,7 @@ def read_rows(path: Path, wanted: list[str] | None, channels: list[str],
         cols = value_columns(header, wanted, channels)
         for i, row in enumerate(reader, start=2):
             try:
-                t = float(row["timestamp"]) / 1000.0 if "timestamp" in row else float(i)
+                t = float(row["timestamp"]) / 1000.0 if "timestamp" in row else None
                 values = tuple(float(row[c]) for c in cols)
             except (TypeError, ValueError) as err:
                 raise CsvError(f"{path}:{i}: not a number ({err})") from err

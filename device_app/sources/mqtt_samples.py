@@ -2,7 +2,8 @@
 
 Payload: ``{"values": [[v0, v1, ...], ...], "label": "walk"}`` — one row per sample, one value per model
 channel, ``label`` optional. Malformed payloads are logged with the reason and dropped; the daemon wires
-:meth:`Source.feed` to the topic.
+:meth:`Source.feed` to the topic. The rows carry no timestamps, so they cannot be resampled: they must come at
+the model's rate, and a ``rate_hz`` that says otherwise is refused when the bundle loads.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import logging
 import math
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from device_app.schema import spec
 from device_app.sources.base import Sample, SourceContext, SourceOptions
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class Options(SourceOptions):
     max_queue: int = spec(10000, doc="samples buffered before new ones are dropped", min=1)
+    rate_hz: float | None = spec(None, doc="rate the publisher samples at; must be the model's (no timestamps "
+                                           "to resample on); unset = assumed to be", min=0.1)
 
 
 def parse_samples(payload: bytes, n_channels: int) -> tuple[list[tuple[float, ...]], str | None]:
@@ -57,6 +60,7 @@ class Source(BaseSource):
     """Yields what :meth:`feed` received, in order."""
 
     options: Options
+    timestamps: ClassVar[bool] = False
 
     def __init__(self, options: Options, context: SourceContext) -> None:
         super().__init__(options, context)
@@ -69,10 +73,9 @@ class Source(BaseSource):
         except ValueError as err:
             log.warning("source %s: dropped a message on %s: %s", self.options.name, self.context.topic, err)
             return 0
-        now = time.time()
         for n, row in enumerate(rows):
             try:
-                self.queue.put_nowait(Sample(now, row, self.options.label or label))
+                self.queue.put_nowait(Sample(None, row, self.options.label or label))
             except queue.Full:
                 log.warning("source %s: queue full, dropped %d samples", self.options.name, len(rows) - n)
                 return n

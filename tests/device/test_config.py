@@ -42,7 +42,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     ("[training]\nstep = 5\n", "[training] unknown key 'step'; allowed:"),
     ("[store]\nval_fraction = 0.95\n", "[store] val_fraction: must be <= 0.9"),
     ("[trainig]\n", "unknown section [trainig]"),
-    ('[[sources]]\ntype = "gps"\n', "[[sources]] #1 type: must be one of ['csv', 'iio', 'mpu6050', 'mqtt', "
+    ('[[sources]]\ntype = "gps"\n', "[[sources]] #1 type: must be one of ['camera', 'csv', 'iio', 'mpu6050', 'mqtt', "
                                     "'synthetic'], got 'gps'"),
     ('[[sources]]\ntype = "csv"\n', "[[sources]] #1 (csv) path: is required"),
     ('[[sources]]\ntype = "csv"\npath = "x"\npacing = "slow"\n', "pacing: must be one of ['realtime', 'fast']"),
