@@ -184,7 +184,6 @@ def test_fuzz_bursts_during_reload_and_training_are_all_answered(roomy_broker: B
     print(f"fuzz: {len(fuzz)} malformed requests, {answered} responses ({busy} of them busy); daemon RSS "
           f"{rss_start / MIB:.1f} -> {rss_end / MIB:.1f} MiB")  # docs/device.md quotes this (pytest -rP)
     assert abs(rss_end - rss_start) <= 5 * MIB, (rss_start / MIB, rss_end / MIB)
-    counter.close()
     assert dev.alive()
     assert _rows(dev.db) == rows  # the reload's replay source resumed: no window stored twice
     after = _checkpoints(dev.state_dir)
@@ -194,6 +193,12 @@ def test_fuzz_bursts_during_reload_and_training_are_all_answered(roomy_broker: B
     log = dev.log()
     assert "Traceback" not in log and "dispatcher caught" not in log
     assert "busy: 100 requests are already waiting" in log  # the bounded queue did fill, and said so
+    # shutdown with the queue full again does not hang
+    counter.burst(fuzz[:600])
+    started = time.monotonic()
+    assert dev.stop() == 0
+    assert time.monotonic() - started < 10
+    counter.close()
 
 
 def test_a_payload_ten_times_the_limit_never_reaches_the_daemon(broker, client_factory, device_factory) -> None:
