@@ -309,11 +309,11 @@ class Daemon:
             self.collector.feed(name, payload)
 
     def _on_connected(self) -> None:
+        if self.homeassistant is not None:
+            self.homeassistant.connected()
         if not self.ready_sent:
             self.ready_sent = True
             self.notifier.ready()
-        if self.homeassistant is not None:
-            self.homeassistant.connected()
         threading.Thread(target=self.publish_status, name="status", daemon=True).start()
 
     # --- request handling (dispatcher thread) --------------------------------------------------------------

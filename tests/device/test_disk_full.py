@@ -58,15 +58,15 @@ def _rows(db: Path) -> list[tuple[int, bytes]]:
 
 def test_a_full_disk_loses_no_report_and_no_window(small_disk: Path, broker, client_factory, device_factory) -> None:
     state = small_disk / "state"
-    replay = {"type": "csv", "name": "replay", "pacing": "realtime", "speed": 4.0}
+    replay = {"type": "csv", "name": "replay", "pacing": "realtime", "speed": 8.0}
     dev = device_factory(broker.port, windows_per_class=200, training={"checkpoint_every": 5, "steps": 10})
     dev.rewrite(device={"state_dir": str(state)}, model={"bundles_dir": str(dev.state_dir / "bundles")},
                 sources=[{**replay, "path": dev.doc["sources"][0]["path"]}])
     dev.start()
     cl = client_factory(broker.port)
     deadline = time.monotonic() + 60
-    while len(_rows(state / "store.sqlite")) < 20:
-        assert time.monotonic() < deadline, "the replay did not store 20 windows"
+    while len(_rows(state / "store.sqlite")) < 10:
+        assert time.monotonic() < deadline, "the replay did not store 10 windows"
         time.sleep(0.2)
     assert cl.request("train", {"transaction": "before"})["status"] == "ok"
     assert cl.wait("report", lambda p: p.get("transaction") == "before", timeout=120)["status"] == "ok"

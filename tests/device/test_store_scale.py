@@ -22,7 +22,7 @@ import numpy as np
 from device_app.store import Store
 
 db, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-store = Store(db, max_samples=20000, val_fraction=0.05)
+store = Store(db, max_samples=20000, val_fraction=0.02)
 rng = np.random.default_rng(start)
 labels = ["idle", "walk", "shake"]
 for first in range(start, stop, 250):
@@ -37,7 +37,7 @@ def _config(root: Path, bundles: Path, ceiling_mb: int = 0) -> Config:
     return parse_config({
         "device": {"id": "scale", "state_dir": str(root / "state")},
         "model": {"bundle": "image_hosvd", "bundles_dir": str(bundles), "threads": 1},
-        "store": {"max_samples": 20000, "val_fraction": 0.05},
+        "store": {"max_samples": 20000, "val_fraction": 0.02},
         "training": {"steps": STEPS, "checkpoint_every": 1000, "progress_every": 1, "ram_ceiling_mb": ceiling_mb,
                      "rollback_tolerance": 1.0},
     }, root / "device.toml")
