@@ -70,16 +70,20 @@ class BatchReader:
         self.cache = cache and from_features
         self.computed = 0
         self.cached = 0
+        self.vanished = 0  # windows deleted from the store (retention) after the split was read
 
-    def inputs(self, ids: np.ndarray) -> np.ndarray:
-        """``(len(ids), ...)`` float32: the windows, or their prefix features."""
+    def inputs(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+        """The windows ``ids``, or their prefix features, by id: only those still stored (retention may delete a
+        window while a run goes on, since the daemon keeps collecting)."""
         if not self.from_features:
-            return self.store.windows(ids)
+            return self.store.windows_by_id(ids)
         sha = self.bundle.sha256
         found = self.store.cached_features(ids, sha) if self.cache else {}
-        missing = sorted({int(i) for i in ids} - set(found))
-        if missing:
-            computed = self.bundle.features(self.store.windows(missing), self.micro_batch)
+        self.cached += len(found)
+        windows = self.store.windows_by_id(sorted({int(i) for i in ids} - set(found)))
+        if windows:
+            missing = sorted(windows)
+            computed = self.bundle.features(np.stack([windows[i] for i in missing]), self.micro_batch)
             found.update(zip(missing, computed, strict=True))
             self.computed += len(missing)
             if self.cache:
@@ -88,24 +92,43 @@ class BatchReader:
                 except DiskFull as err:
                     log.warning("%s; going on without the feature cache", err)
                     self.cache = False
-        self.cached += len(ids) - len(missing)
-        return np.stack([found[int(i)] for i in ids])
+        return found
+
+    def _present(self, ids: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(x, y, kept positions)`` for the windows of ``ids`` that are still stored."""
+        found = self.inputs(ids)
+        keep = np.array([i for i, sid in enumerate(ids) if int(sid) in found], np.int64)
+        self.vanished += len(ids) - len(keep)
+        if len(keep) == 0:
+            return np.zeros((0,)), y[:0], keep
+        return np.stack([found[int(ids[i])] for i in keep]), y[keep], keep
 
     def evaluate(self, index: SplitIndex, batch: int) -> dict[str, float] | None:
         """Mean loss and accuracy over a split, ``batch`` windows at a time; ``None`` for an empty split."""
-        if len(index) == 0:
-            return None
         loss = correct = 0.0
+        n = 0
         for start in range(0, len(index), batch):
-            ids, y = index.ids[start:start + batch], index.y[start:start + batch]
-            part = self.bundle.evaluate(self.inputs(ids), y, self.from_features, batch)
-            loss += part["loss"] * part["n"]
-            correct += part["accuracy"] * part["n"]
-        return {"loss": loss / len(index), "accuracy": correct / len(index), "n": len(index)}
+            x, y, _ = self._present(index.ids[start:start + batch], index.y[start:start + batch])
+            if len(x):
+                part = self.bundle.evaluate(x, y, self.from_features, batch)
+                loss += part["loss"] * part["n"]
+                correct += part["accuracy"] * part["n"]
+                n += part["n"]
+        return {"loss": loss / n, "accuracy": correct / n, "n": n} if n else None
 
     def train_step(self, ids: np.ndarray, y: np.ndarray, mode: str) -> tuple[float, float]:
-        """One optimizer step on the windows ``ids`` through :mod:`device_app.steps`."""
-        x = self.inputs(ids)
+        """One optimizer step on the windows ``ids`` through :mod:`device_app.steps`; a window deleted meanwhile is
+        replaced by another of the batch (the train signature's batch size is fixed).
+
+        Raises:
+            LookupError: every window of the batch is gone.
+        """
+        x, y, keep = self._present(ids, y)
+        if len(keep) == 0:
+            raise LookupError(f"none of the windows {list(ids)[:8]} is stored any more")
+        if len(keep) < len(ids):
+            fill = np.resize(np.arange(len(keep)), len(ids))
+            x, y = x[fill], y[fill]
         if self.from_features:
             return steps.train_step_on_features(self.bundle, x, y)
         return steps.train_step(self.bundle, x, y, mode, self.micro_batch)

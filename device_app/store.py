@@ -304,13 +304,17 @@ class Store:
         """The windows ``ids`` as ``(len(ids), *shape)`` float32, in the order given (ids may repeat).
 
         Raises:
-            KeyError: a window was deleted meanwhile (retention).
+            KeyError: a window is not stored (deleted by retention, or never there).
         """
-        found = self._fetch("SELECT id, shape, x FROM samples WHERE id IN ({})", ids, "")
+        found = self.windows_by_id(ids)
         missing = [int(i) for i in ids if int(i) not in found]
         if missing:
-            raise KeyError(f"windows {missing[:5]} are no longer in the store")
+            raise KeyError(f"windows {missing[:5]} are not in the store")
         return np.stack([found[int(i)] for i in ids])
+
+    def windows_by_id(self, ids: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+        """The windows ``ids`` that are stored, by id (retention may have deleted some)."""
+        return self._fetch("SELECT id, shape, x FROM samples WHERE id IN ({})", ids, "")
 
     def _fetch(self, sql: str, ids: Sequence[int] | np.ndarray, bundle_sha: str) -> dict[int, np.ndarray]:
         unique = sorted({int(i) for i in ids})

@@ -147,6 +147,7 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
         "final_loss": _mean(losses[-k:]), "final_accuracy": _mean(corrects[-k:]),
         "val_before": val_before, "val_after": val_after, "n_train": len(train), "n_val": len(val),
         "from_features": from_features, "features_computed": reader.computed, "features_cached": reader.cached,
+        "windows_vanished": reader.vanished,
         "plan": plan.to_dict(),
         "elapsed_s": round(time.monotonic() - t0, 3),
         "checkpoint": newest[0][1].name if newest else None,
@@ -197,5 +198,6 @@ def run_evaluation(bundle: Bundle, store: Store, job: Job) -> dict[str, Any]:
         raise TrainingError(f"no labelled windows in split {job.split!r} to evaluate")
     reader = BatchReader(bundle, store, from_features=False, micro_batch=1, cache=False)
     result = reader.evaluate(index, job.eval_batch or bundle.manifest.default_batch_size)
-    assert result is not None
+    if result is None:
+        raise TrainingError(f"the windows of split {job.split!r} were deleted while it was being evaluated")
     return {"split": job.split, **result, "global_step": ckpt.step if ckpt else 0}

@@ -1,5 +1,5 @@
-"""What a child process is asked to do: a picklable job description, built only by
-:func:`device_app.jobs.start.make_job`."""
+"""What a child process is asked to do: a picklable job description (the daemon and the CLI build theirs from the
+config with :func:`device_app.jobs.start.make_job`)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, clie
     cl = client_factory(broker.port)
     cl.wait("status", idle, timeout=60)
     assert cl.request("train", {"steps": 40})["status"] == "ok"
-    wait_for(marker.exists, 60, "the checkpoint writer never reached step 20")
+    wait_for(lambda: marker.exists() and marker.read_text(), 60, "the checkpoint writer never reached step 20")
     dev.kill()  # SIGKILL to the daemon and its training child, mid-write
 
     ckpt_dir = next((dev.state_dir / "checkpoints").iterdir())

@@ -17,19 +17,26 @@ from device_app.store import Store
 STEPS = 5
 SIZES = (100, 1000, 10_000)
 FILL = """
-import sys
+import json, sqlite3, sys
 import numpy as np
 from device_app.store import Store
 
 db, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-store = Store(db, max_samples=20000, val_fraction=0.02)
+Store(db).close()  # the schema
+conn = sqlite3.connect(db, isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")  # written once, not WAL then checkpoint: 3x faster for 480 MB
+conn.execute("PRAGMA synchronous=OFF")
 rng = np.random.default_rng(start)
-labels = ["idle", "walk", "shake"]
+labels, shape = ["idle", "walk", "shake"], json.dumps([64, 64, 3])
 for first in range(start, stop, 250):
-    n = min(250, stop - first)
-    store.add_many(rng.random((n, 64, 64, 3), dtype=np.float32), [labels[i % 3] for i in range(first, first + n)],
-                   "fill")
-store.close()
+    xs = rng.random((min(250, stop - first), 64, 64, 3), dtype=np.float32)
+    rows = [(0.0, "fill", labels[i % 3], "val" if i % 50 == 0 else "train", shape, x.tobytes())
+            for i, x in enumerate(xs, start=first)]
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO samples (created, source, label, split, shape, x) VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.execute("COMMIT")
+conn.execute("PRAGMA journal_mode=WAL")  # as the daemon keeps it
+conn.close()
 """
 
 
@@ -44,7 +51,8 @@ def _config(root: Path, bundles: Path, ceiling_mb: int = 0) -> Config:
 
 
 def _fill(db: Path, start: int, stop: int) -> None:
-    """Add windows ``start..stop`` in another process, so this one (the plan's "daemon") stays the same size."""
+    """Add windows ``start..stop`` (2 % in ``val``) in another process, so this one (the plan's "daemon") stays the
+    same size."""
     subprocess.run([sys.executable, "-c", FILL, str(db), str(start), str(stop)], check=True,
                    cwd=Path(__file__).resolve().parents[2])
 

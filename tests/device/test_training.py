@@ -106,6 +106,24 @@ def test_training_lowers_the_loss_and_checkpoints(tmp_path: Path, imu_bundle: Pa
     assert [s for s, _ in checkpoint.listing(tmp_path / "ck" / imu_manifest.sha256[:16])] == [30, 20, 10]
 
 
+def test_windows_deleted_during_a_run_are_replaced_not_fatal(tmp_path: Path, imu_bundle: Path,
+                                                            imu_manifest: Manifest) -> None:
+    from device_app.dataset import BatchReader
+
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 8)
+    train = store.split_index("train", imu_manifest.labels)
+    gone = [int(i) for i in train.ids[:3]]
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:  # what retention does while the daemon collects
+        db.execute(f"DELETE FROM samples WHERE id IN ({','.join(map(str, gone))})")
+    reader = BatchReader(Bundle(imu_bundle, 1), store, from_features=True, micro_batch=1, cache=True)
+    loss, _ = reader.train_step(train.ids[:8], train.y[:8], "streamed")
+    assert np.isfinite(loss) and reader.vanished == 3
+    assert reader.evaluate(train, 8)["n"] == len(train) - 3
+    with pytest.raises(LookupError, match="is stored any more"):
+        reader.train_step(np.array(gone * 3)[:8], train.y[:8], "streamed")
+
+
 def test_non_finite_loss_restores_the_last_good_weights(tmp_path: Path, imu_bundle: Path,
                                                         imu_manifest: Manifest) -> None:
     store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
