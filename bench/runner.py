@@ -184,8 +184,8 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
         "invocation": invocation, "model": spec.model, "train_last": spec.train_last, "method": spec.method,
         "epsilon": spec.epsilon, "asi_budget": spec.asi_budget, "ram_budget_mb": bundle["ram_budget_mb"],
         "epsilon_used": bundle["epsilon_used"], "batch_size": spec.batch_size, "micro_batch": spec.micro_batch,
-        "plan": plan, "input_shape": bundle["input_shape"], "runtime": f"ai-edge-litert {_version('ai-edge-litert')}",
-        "threads": THREADS,
+        "plan": plan, "input_size": spec.input_size, "input_shape": bundle["input_shape"],
+        "runtime": f"ai-edge-litert {_version('ai-edge-litert')}", "threads": THREADS,
         "saved_activation_mib": bundle["compressed_mib"] if compressed else bundle["vanilla_mib"],
         "saved_activation_vanilla_mib": bundle["vanilla_mib"],
         "saved_activation_static_mib": bundle["static_mib"] if compressed else bundle["vanilla_mib"],
@@ -202,14 +202,17 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
     return record
 
 
+# Records compared with each other: same invocation, model, input, setting, data set and seed; any method.
+GROUP_FIELDS = ("invocation", "model", "input_size", "train_last", "batch_size", "dataset", "seed")
+
+
 def _group(record: dict[str, Any]) -> tuple:
-    return (record["invocation"], record["model"], tuple(record["input_shape"]), record["train_last"],
-            record["batch_size"], record["dataset"], record["seed"])
+    return tuple(record[name] for name in GROUP_FIELDS)
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Set ``ratios`` on every record: its figures divided by those of the ``recipe`` and of the ``none`` run
-    of the same invocation and group (same model, input, train_last, batch, data set and seed).
+    of the same group (:data:`GROUP_FIELDS`: invocation, model, input size, train_last, batch, data set, seed).
 
     ``ratios = {"vs_recipe": {field: ratio | None}, "vs_none": {...}}``; a missing baseline gives ``None``.
     """

@@ -76,11 +76,6 @@ class RunSpec:
             fields.pop(name)
         return (self.compression, *sorted(fields.items()))
 
-    @property
-    def group_key(self) -> tuple:
-        """Runs compared with each other (same model, setting, data and seed; any method)."""
-        return (self.model, self.input_size, self.train_last, self.batch_size, self.dataset, self.seed)
-
 
 # (method, epsilon, asi budget)
 BASELINES = [("recipe", None, None), ("none", None, None)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_app.schema import SchemaError, collect, spec
+from device_app.schema import collect, spec
 from device_app.sources import SOURCE_TYPES, SourceOptions, options_class
 
 DEFAULT_CONFIG = "/etc/hosvd-edge/device.toml"
@@ -250,7 +250,4 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Config:
         raise ConfigError(f"config file {file} does not exist") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{file} is not valid TOML: {err}") from err
-    try:
-        return parse_config(data, file)
-    except SchemaError as err:  # pragma: no cover - collect() never raises
-        raise ConfigError(str(err)) from err
+    return parse_config(data, file)

@@ -4,9 +4,10 @@ Threads: paho's network thread only sorts requests (a retained one, one over ``m
 finds the bounded queue full are answered at once with an error, never queued) and queues the rest; one
 dispatcher thread validates and answers them in order and never runs long work itself (a ``reload``'s probe, an
 ``evaluate`` and training are child jobs, :mod:`device_app.jobs`, whose ends are answered from their worker
-thread); each source has a thread (:mod:`device_app.collector`); the systemd watchdog has its own. The main
-thread waits for a signal and then runs the one shutdown path: stop sources, stop the dispatcher, stop the job,
-publish ``offline``, disconnect, close the store. It also watches the loaded bundle's files and the disk.
+thread); each source has a thread (:mod:`device_app.collector`); the systemd watchdog has its own, and pings only
+while the main loop goes round. The main thread publishes state changes and watches the loaded bundle's files
+and the disk until a signal, then runs the one shutdown path: stop sources, stop the dispatcher, stop the job,
+publish ``offline``, disconnect, close the store.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from device_app.requests import (
 from device_app.snapshot import Snapshot
 from device_app.sources.base import SourceContext
 from device_app.store import Store
-from device_app.systemd_notify import Notifier, start_watchdog_thread
+from device_app.systemd_notify import Notifier, start_watchdog_thread, watchdog_interval
 from device_app.windowing import check_sources_fit
 from hosvd_contract import MANIFEST_FILE, MODEL_FILE, BundleError, Manifest, file_sha256, load_manifest
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 100
 WATCH_PERIOD_S = 2.0  # how often the main loop looks at the bundle's files and the free space
 DISK_OK_BYTES = 4 << 20  # free space at which a disk-full condition counts as over
+MAIN_LOOP_PERIOD_S = 0.5
 
 
 class CommandError(RuntimeError):
@@ -119,6 +121,8 @@ class Daemon:
         self.disk_problem: str | None = None  # a report or checkpoint that failed for lack of space
         self.collector: Collector | None = None
         self.ready_sent = False
+        self.heartbeat: float | None = None  # when the main loop last went round (None: not started yet)
+        self.stuck_after_s = float("inf")
         self.published_state: str | None = None
         self.homeassistant = Discovery(cfg, self.link, self.publish_status) if cfg.homeassistant.enabled else None
         self.handlers = {
@@ -464,11 +468,23 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
+    def main_loop_alive(self) -> bool:
+        """The watchdog's liveness check: the main loop went round within the last ``stuck_after_s`` (start-up,
+        before the loop runs, counts as alive: systemd's TimeoutStartSec= covers it)."""
+        return self.heartbeat is None or time.monotonic() - self.heartbeat < self.stuck_after_s
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop_event.set())
-        watchdog = start_watchdog_thread(self.notifier, self.stop_event)
+        interval = watchdog_interval()
+        # A main loop stuck for a whole watchdog interval withholds the pings, so systemd restarts the daemon;
+        # the loop goes round at least 4 times per interval.
+        period = MAIN_LOOP_PERIOD_S if interval is None else min(MAIN_LOOP_PERIOD_S, interval / 4)
+        if interval is not None:
+            self.stuck_after_s = interval
+        watchdog = start_watchdog_thread(self.notifier, self.stop_event, interval=interval,
+                                         alive=self.main_loop_alive)
         try:
             self.load_bundle(self.bundle_name)
         except (BundleError, ChildError) as err:
@@ -480,8 +496,9 @@ class Daemon:
         self.link.start()
         if self.collector is not None:
             self.collector.autostart()
-        last_watch = time.monotonic()
-        while not self.stop_event.wait(0.5):
+        last_watch = self.heartbeat = time.monotonic()
+        while not self.stop_event.wait(period):
+            self.heartbeat = time.monotonic()
             if time.monotonic() - last_watch >= WATCH_PERIOD_S:
                 last_watch = time.monotonic()
                 self._watch_bundle()

@@ -18,14 +18,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class SchemaError(ValueError):
-    """One or more problems in a table; ``problems`` lists each, the message joins them."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
 def spec(default: Any = dataclasses.MISSING, doc: str = "", **rules: Any) -> Any:
     """A dataclass field with documentation and validation rules.
 
@@ -154,15 +146,6 @@ def collect(cls: type[T], data: Any, where: str) -> tuple[T | None, list[str]]:
     if problems:
         return None, problems
     return cls(**values), []
-
-
-def build(cls: type[T], data: Any, where: str) -> T:
-    """Like :func:`collect` but raise :class:`SchemaError` listing every problem."""
-    instance, problems = collect(cls, data, where)
-    if problems:
-        raise SchemaError(problems)
-    assert instance is not None
-    return instance
 
 
 def describe(cls: type) -> list[tuple[str, str, str, str]]:

@@ -8,8 +8,9 @@ begins.
 
 Outside systemd (a shell, tests, a container) ``NOTIFY_SOCKET`` is unset and every call is a no-op, so the
 daemon never needs to know how it was started. The watchdog is pinged from a daemon thread: training runs in
-a child process, so nothing the trainer does can hold that thread back; only a wedged interpreter (or a
-failing ``alive`` check, see ``start_watchdog_thread``) stops the pings and lets systemd restart the service.
+a child process, so nothing the trainer does can hold that thread back; a wedged interpreter, or a failing
+``alive`` check (the daemon passes one that fails when its main loop stops going round, see
+``start_watchdog_thread``), stops the pings and lets systemd restart the service.
 """
 
 from __future__ import annotations
@@ -127,23 +128,6 @@ class Notifier:
     def stopping(self) -> bool:
         """Tells systemd that shutdown has begun (``STOPPING=1``)."""
         return self.notify("STOPPING=1")
-
-    def extend_timeout(self, seconds: float) -> bool:
-        """Asks for more time to start or stop (``EXTEND_TIMEOUT_USEC=``; systemd >= 236).
-
-        Args:
-            seconds: how long from now the current start-up or shutdown may still take.
-        """
-        if seconds <= 0:
-            raise ValueError(f"extend_timeout needs a positive number of seconds; got {seconds!r}")
-        return self.notify(f"EXTEND_TIMEOUT_USEC={round(seconds * 1_000_000)}")
-
-    def close(self) -> None:
-        """Closes the socket (a later message opens a new one)."""
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
 
 
 def _one_line(text: str) -> str:

@@ -169,9 +169,53 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "format_version must be one of [1, 2]" in capsys.readouterr().err
 
 
-def test_static_ranks_are_sized_from_calibration_and_overlapping_prefix_pools_convert(tmp_path):
-    """Calibration sizes the static ranks above the measured ε-ranks (capped by max_rank); a 3×3/2 max pool
-    in the frozen prefix (no backward needed there) does not get in the way."""
+def planted_tucker(shape: tuple[int, ...], ranks: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A tensor of exactly multilinear rank ``ranks``: a Gaussian core times random orthonormal factors."""
+    x = rng.standard_normal(ranks)
+    for mode, (size, rank) in enumerate(zip(shape, ranks, strict=True)):
+        factor, _ = np.linalg.qr(rng.standard_normal((size, rank)))
+        x = np.moveaxis(np.tensordot(factor, np.moveaxis(x, mode, 0), axes=(1, 0)), 0, mode)
+    return x.astype(np.float32)
+
+
+def test_hosvd_recovers_planted_ranks_and_trains_exactly_on_them(tmp_path):
+    """The first trainable conv saves the model input itself: on a batch of exact multilinear rank (3, 2, 3, 2)
+    calibration finds those ranks, the static tensors hold them in less memory than the activation, and since
+    nothing is lost the hosvd bundle's training steps equal the uncompressed bundle's."""
+    def model() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 4))
+        h = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+        h = layers.GlobalAveragePooling2D()(h)
+        return keras.Model(inp, layers.Dense(3, activation="softmax", name="head")(h))
+
+    rng = np.random.default_rng(0)
+    planted = (3, 2, 3, 2)
+    x = planted_tucker((8, 8, 8, 4), planted, rng)
+    y = rng.integers(0, 3, 8).astype(np.int32)
+    weights = {}
+    for method in ("none", "hosvd"):
+        out = tmp_path / method
+        manifest = convert(model(), out, train_last=2, compression=method, epsilon=0.99, batch_sizes=(8,),
+                           learning_rate=0.5, calibration_data=x, measure_memory=False)
+        interpreter = Interpreter(model_path=str(out / MODEL_FILE))
+        before = interpreter.get_signature_runner("get_weights")()
+        train = interpreter.get_signature_runner("train")
+        for _ in range(3):
+            train(x=x, y=y)
+        weights[method] = interpreter.get_signature_runner("get_weights")()
+    conv = next(i for i in manifest.layers if i.name == "conv")
+    assert conv.compression == "hosvd"
+    assert conv.calibrated_ranks == list(planted)
+    assert all(p <= r <= n for p, r, n in zip(planted, conv.ranks, (8, 8, 8, 4), strict=True)), conv.ranks
+    assert conv.saved_bytes_compressed < conv.saved_bytes_vanilla
+    moved = np.abs(weights["none"]["conv__kernel"] - before["conv__kernel"]).max()
+    for name, exact in weights["none"].items():
+        np.testing.assert_allclose(weights["hosvd"][name], exact, rtol=0, atol=1e-5 * moved, err_msg=name)
+
+
+def test_an_overlapping_max_pool_in_the_frozen_prefix_converts(tmp_path):
+    """A 3×3/2 max pool in the frozen prefix needs no backward: the bundle infers what Keras does."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((16, 16, 3))
     h = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
@@ -181,7 +225,7 @@ def test_static_ranks_are_sized_from_calibration_and_overlapping_prefix_pools_co
     model = keras.Model(inp, layers.Dense(3, activation="softmax", name="head")(h))
     calib = np.random.default_rng(0).random((16, 16, 16, 3), dtype=np.float32)
     manifest = convert(model, tmp_path, train_last=2, compression="hosvd", epsilon=0.8, batch_sizes=(8,),
-                       calibration_data=calib, max_rank=6, measure_memory=False)
-    body = next(i for i in manifest.layers if i.name == "body")
-    for eps_rank, static, size in zip(body.calibrated_ranks, body.ranks, [8, 8, 8, 8], strict=True):
-        assert static == min(eps_rank + eps_rank // 4 + 1, 6, size)
+                       calibration_data=calib, measure_memory=False)
+    assert next(i.name for i in manifest.layers if i.trainable) == "body"
+    _, infer = runner(tmp_path, "infer")
+    np.testing.assert_allclose(infer(x=calib[:4])["output"], model(calib[:4]).numpy(), atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import paho.mqtt.client as mqtt
@@ -50,5 +51,9 @@ def test_parse_broker() -> None:
             parse_broker(bad)
 
 
-def test_free_port_is_bindable() -> None:
-    assert 0 < free_port() < 65536
+def test_free_port_can_be_bound_and_listened_on_right_away() -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))  # raises if the port is taken (or is privileged for a non-root user)
+        sock.listen()
+        assert sock.getsockname()[1] == port  # port 0 would have been given another number

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "the condition",
+               detail: Callable[[], str] = str) -> None:
+    """Poll ``condition`` until it is true (never a fixed sleep); after ``timeout`` seconds fail naming ``what``,
+    followed by ``detail()`` (e.g. the end of a daemon's log)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout} s\n{detail()}".rstrip())
+        time.sleep(0.02)
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -283,10 +294,11 @@ class Device:
                 self.doc.setdefault(name, {}).update(values)
         self.config.write_text(toml_dumps(self.doc))
 
-    def start(self, env: dict[str, str] | None = None) -> Device:
+    def start(self, env: dict[str, str] | None = None, entry: Sequence[str] = ("-m", "device_app")) -> Device:
+        """Run ``python <entry> run --config <config>``: the daemon, or a script that wraps its CLI."""
         self.log_path = self.state_dir.parent / f"daemon-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives with the process
-        cmd = [sys.executable, "-m", "device_app", "run", "--config", str(self.config)]
+        cmd = [sys.executable, *entry, "run", "--config", str(self.config)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         return self

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from pathlib import Path
 
-from conftest import Broker, idle, make_password_file, make_tls_files
+from conftest import Broker, idle, make_password_file, make_tls_files, wait_until
 
 
 def _attempt_times(log: str, needle: str) -> list[float]:
@@ -37,13 +36,12 @@ def test_password_broker_right_and_wrong_credentials(tmp_path: Path, client_fact
         assert cl.request("status")["status"] == "ok"
 
         needle = "refused the connection: Not authorized (check [mqtt] username and password)"
-        deadline = time.monotonic() + 20
-        while len(_attempt_times(bad.log(), needle)) < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: len(_attempt_times(bad.log(), needle)) >= 4, 30, "four refused connection attempts",
+                   lambda: bad.log()[-2000:])
         times = _attempt_times(bad.log(), needle)
-        assert len(times) >= 4, bad.log()[-2000:]
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert gaps[0] >= 0.15 and max(gaps) >= 0.7  # 0.2 s doubling up to 0.8 s
+        # 0.2 s doubling up to 0.8 s; a busy machine only makes the gaps longer, so only lower bounds are checked
+        assert gaps[0] >= 0.15 and max(gaps) >= 0.7, gaps
         assert bad.alive() and "Traceback" not in bad.log()
         assert good.alive()
     finally:
@@ -62,10 +60,8 @@ def test_tls_broker_with_the_test_ca(tmp_path: Path, client_factory, device_fact
         assert dev.alive()
         # without the CA the certificate cannot be verified: logged, retried, no crash
         untrusting = device_factory(broker.port, device={"id": "dev3"}, mqtt={"tls": True}).start()
-        deadline = time.monotonic() + 20
-        while untrusting.log().count("certificate verify failed") < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert untrusting.log().count("certificate verify failed") >= 2, untrusting.log()[-2000:]
+        wait_until(lambda: untrusting.log().count("certificate verify failed") >= 2, 30,
+                   "two failed certificate checks", lambda: untrusting.log()[-2000:])
         assert untrusting.alive()
     finally:
         broker.stop()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 import struct
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from device_app.collector import Collector
 from device_app.sources import make_source, options_class
@@ -66,12 +66,39 @@ def test_csv_replay_label_column_and_fast_pacing(tmp_path: Path) -> None:
     assert samples[3].t == pytest.approx(0.06)
 
 
-def test_csv_realtime_pacing_follows_timestamps(tmp_path: Path) -> None:
+class FakeClock:
+    """``time.monotonic`` for csv_replay, and a stop event whose ``wait`` moves the clock instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        self.now += timeout
+        return False
+
+
+def test_csv_realtime_pacing_follows_timestamps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from device_app.sources import csv_replay
+
+    clock = FakeClock()
+    monkeypatch.setattr(csv_replay, "time", clock)
     src = make_source(_options("csv", path=str(_csv(tmp_path / "w.csv", 11)), pacing="realtime", speed=2.0),
                       CTX)
-    start = time.monotonic()
-    _all(src)
-    assert 0.08 <= time.monotonic() - start < 1.0  # 200 ms of data at 2x speed
+    src.setup()
+    arrivals = [(sample.t, clock.now) for sample in src.samples(clock)]
+    assert len(arrivals) == 11
+    t0, start = arrivals[0]
+    for t, at in arrivals:  # rows 20 ms apart at 2x speed: each one 10 ms after the one before
+        assert at - start == pytest.approx((t - t0) / 2.0), arrivals
+    assert clock.waits == pytest.approx([0.01] * 10)
 
 
 def test_csv_directory_label_from_filename_and_column_mapping(tmp_path: Path) -> None:
@@ -176,17 +203,12 @@ def test_collector_stores_labelled_windows_and_stops_after_n(tmp_path: Path) -> 
     opts = _options("synthetic", fast=True, classes=["idle", "walk"], seconds_per_class=0.5)
     collector = Collector([opts], CTX, 5, store)
     collector.start(windows=12)
-    deadline = time.monotonic() + 10
-    while collector.active() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not collector.active()
+    wait_until(lambda: not collector.active(), 10, "the collector stopping after 12 windows")
     counts = store.counts()
     assert counts["total"] == 12
     assert set(counts["by_label"]) == {"idle", "walk"}
     x = store.windows(store.split_index("train", ["idle", "walk"]).ids)
     assert x.shape == (12, 5, 3) and np.isfinite(x).all()
     collector.start(label="walk", windows=3)
-    deadline = time.monotonic() + 10
-    while collector.active() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not collector.active(), 10, "the collector stopping after 3 windows")
     assert store.counts()["by_label"]["walk"]["train"] == counts["by_label"]["walk"]["train"] + 3

@@ -21,10 +21,16 @@ def _status(config: Path, capsys) -> tuple[int, str, dict]:
     return code, text, json.loads(capsys.readouterr().out)
 
 
+def _view(config: Path, capsys) -> dict:
+    main(["status", "--config", str(config), "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
 def _wait_view(config: Path, capsys, pred, timeout: float = 60.0) -> dict:
+    """Poll the JSON view (one call per look: the daemon may change state between two calls)."""
     deadline = time.monotonic() + timeout
     while True:
-        _, _, view = _status(config, capsys)
+        view = _view(config, capsys)
         if pred(view) or time.monotonic() > deadline:
             return view
         time.sleep(0.1)

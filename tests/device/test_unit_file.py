@@ -1,9 +1,9 @@
-"""systemd/hosvd-device.service: the keys the daemon relies on, hardening that still lets it work, and its
-`systemd-analyze security --offline=true` exposure (at most 2.5) and `systemd-analyze verify` result."""
+"""systemd/hosvd-device.service as systemd reads it: `systemd-analyze security --offline=true` exposure (at most
+2.5) and `systemd-analyze verify`; plus what those cannot know: the watchdog against the daemon's ping period,
+MemoryMax against the example's RAM ceiling, and hardening that would stop the daemon from working."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -50,11 +50,8 @@ def last(unit, section: str, key: str) -> str:
 
 def systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
-    if path is None:
-        message = "systemd-analyze not found: apt-get install systemd (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    if path is None:  # an error under CI (tests/conftest.py)
+        pytest.skip("systemd-analyze not found: apt-get install systemd (.ci/run does)")
     return path
 
 
@@ -64,29 +61,6 @@ def mib(size: str) -> float:
     assert match, f"not a size: {size!r}"
     factor = {"": 1 / 2**20, "K": 1 / 2**10, "M": 1, "G": 2**10, "T": 2**20}[match.group(2)]
     return int(match.group(1)) * factor
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("Type", "notify"),
-        ("NotifyAccess", "main"),
-        ("ExecStart", EXEC_START),
-        ("Restart", "on-failure"),
-        ("MemorySwapMax", "0"),
-        ("DynamicUser", "yes"),
-        ("StateDirectory", "hosvd-edge"),
-        ("ConfigurationDirectory", "hosvd-edge"),
-        ("ProtectSystem", "strict"),
-        ("NoNewPrivileges", "yes"),
-        ("DevicePolicy", "closed"),
-        ("DeviceAllow", "char-i2c rw"),
-        ("MemoryDenyWriteExecute", "yes"),
-        ("CapabilityBoundingSet", ""),
-    ],
-)
-def test_required_service_keys(unit, key, value):
-    assert last(unit, "Service", key) == value
 
 
 def test_the_watchdog_is_on_and_longer_than_a_ping_period(unit):
