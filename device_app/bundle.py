@@ -20,6 +20,10 @@ from hosvd_contract import MODEL_FILE, BundleError, Manifest, Sig, load_manifest
 EVAL_BATCH = 64
 
 
+class InputError(ValueError):
+    """Data that does not fit the bundle (window shape, label type); the message names both shapes."""
+
+
 def normalise(x: np.ndarray, manifest: Manifest) -> np.ndarray:
     """``(x - mean) / std`` over the last axis when the manifest gives them, as float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -46,7 +50,8 @@ class Bundle:
         self.manifest = load_manifest(self.path)
         self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads)
         self.signatures = self.interpreter.get_signature_list()
-        self._runners: dict[str, object] = {}
+        self._runners: dict[str, Any] = {}
+        self._label_dtypes: dict[str, np.dtype] = {}
         self._check()
         check_signature_inputs(self.interpreter, str(self.path))
 
@@ -79,6 +84,24 @@ class Bundle:
             self._runners[key] = self.interpreter.get_signature_runner(key)
         return self._runners[key]
 
+    def _labels(self, key: str, y: np.ndarray) -> np.ndarray:
+        """``y`` in the dtype signature ``key`` takes (int32 class indices, or float32 regression targets)."""
+        if key not in self._label_dtypes:
+            self._label_dtypes[key] = self.runner(key).get_input_details()[Sig.Y]["dtype"]
+        dtype = self._label_dtypes[key]
+        y = np.asarray(y)
+        integral = np.issubdtype(y.dtype, np.integer) or bool(np.all(np.mod(y, 1) == 0))
+        if np.issubdtype(dtype, np.integer) and not integral:
+            raise InputError(f"{key}: labels must be class indices, got non-integer values of {y.dtype}")
+        return y.astype(dtype, copy=False)
+
+    def _check_shape(self, key: str, x: np.ndarray, from_features: bool) -> None:
+        want = self.manifest.features_shape if from_features else self.manifest.input.shape
+        what = "prefix features" if from_features else "windows"
+        if x.ndim < 1 or list(x.shape[1:]) != list(want):
+            raise InputError(f"{key}: {what} of shape {list(x.shape[1:])} (batch {list(x.shape)}), the bundle's "
+                             f"{'features_shape' if from_features else 'input shape'} is {list(want)}")
+
     def _batched(self, key: str, inputs: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
         n = len(next(iter(inputs.values())))
         run = self.runner(key)
@@ -88,13 +111,14 @@ class Bundle:
             outs.append({k: np.array(v) for k, v in out.items()})
         return outs
 
-    def infer(self, x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
-        """Model output ``(N, K)`` for raw (un-normalised) windows ``x`` ``(N, ...)``."""
-        outs = self._batched(Sig.INFER, {Sig.X: normalise(x, self.manifest)}, batch)
-        return np.concatenate([o[Sig.OUTPUT] for o in outs])
-
     def features(self, x: np.ndarray, micro_batch: int) -> np.ndarray:
-        """Frozen-prefix output for raw windows ``x``, computed ``micro_batch`` samples at a time."""
+        """Frozen-prefix output for raw windows ``x``, computed ``micro_batch`` samples at a time.
+
+        Raises:
+            InputError: ``x`` is not ``(N, *manifest.input.shape)``.
+        """
+        x = np.asarray(x)
+        self._check_shape(Sig.FEATURES, x, False)
         outs = self._batched(Sig.FEATURES, {Sig.X: normalise(x, self.manifest)}, micro_batch)
         return np.concatenate([o[Sig.FEATURES_IN] for o in outs])
 
@@ -104,14 +128,19 @@ class Bundle:
 
         Returns:
             ``{"loss": float, "accuracy": float, "n": int}``; NaN loss/accuracy when ``x`` is empty.
+
+        Raises:
+            InputError: ``x`` does not have the bundle's input (or features) shape, or ``y`` is not class indices.
         """
         n = len(x)
         if n == 0:
             return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
         key, name = ((Sig.EVALUATE_FEATURES, Sig.FEATURES_IN) if from_features
                      else (Sig.EVALUATE, Sig.X))
-        data = x if from_features else normalise(x, self.manifest)
-        outs = self._batched(key, {name: data, Sig.Y: y}, batch)
+        x = np.asarray(x)
+        self._check_shape(key, x, from_features)
+        data = x.astype(np.float32, copy=False) if from_features else normalise(x, self.manifest)
+        outs = self._batched(key, {name: data, Sig.Y: self._labels(key, y)}, batch)
         sizes = [min(batch, n - i) for i in range(0, n, batch)]
         loss = sum(float(o[Sig.LOSS]) * k for o, k in zip(outs, sizes, strict=True)) / n
         correct = sum(float(o[Sig.CORRECT]) for o in outs)
@@ -120,13 +149,20 @@ class Bundle:
     def train_step(self, x: np.ndarray, y: np.ndarray, from_features: bool = False) -> tuple[float, float]:
         """One optimizer step on a batch whose size has a train signature; return ``(loss, correct)``.
 
-        ``x`` is raw windows, or prefix features with ``from_features``.
+        ``x`` is raw windows, or prefix features with ``from_features``; ``y`` is cast to the signature's label
+        dtype (int64 class indices become int32).
+
+        Raises:
+            InputError: ``x`` does not have the bundle's input (or features) shape, or ``y`` is not class indices.
+            BundleError: no train signature for ``len(x)``.
         """
+        x = np.asarray(x)
+        self._check_shape(Sig.TRAIN_FEATURES if from_features else Sig.TRAIN, x, from_features)
         sig = self.manifest.train_signature(len(x))
         key = sig.train_features if from_features else sig.train
         name = Sig.FEATURES_IN if from_features else Sig.X
-        data = x if from_features else normalise(x, self.manifest)
-        out = self.runner(key)(**{name: data, Sig.Y: y})
+        data = x.astype(np.float32, copy=False) if from_features else normalise(x, self.manifest)
+        out = self.runner(key)(**{name: data, Sig.Y: self._labels(key, y)})
         return float(out[Sig.LOSS]), float(out[Sig.CORRECT])
 
     def get_weights(self) -> dict[str, np.ndarray]:

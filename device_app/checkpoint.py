@@ -67,11 +67,15 @@ def save(directory: str | os.PathLike[str], step: int, weights: dict[str, np.nda
     final = root / f"ckpt-{step:09d}.npz"
     tmp = root / f".{final.name}.{os.getpid()}.tmp"
     payload = {**weights, META_KEY: np.frombuffer(json.dumps({**meta, "step": step}).encode(), np.uint8)}
-    with open(tmp, "wb") as f:
-        np.savez(f, **payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # a full disk, or SIGTERM's SystemExit: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(root)
     log.info("Saved checkpoint %s", final)
     prune(root, keep)

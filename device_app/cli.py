@@ -21,9 +21,21 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    from device_app.daemon import Daemon
+    """The daemon, holding the state directory's lock (a second one exits at once, naming the first)."""
+    from device_app.statelock import StateDirBusy, StateLock
 
-    return Daemon(cfg).run()
+    try:
+        lock = StateLock(cfg.state_dir, "hosvd-device run")
+        lock.acquire()
+    except (StateDirBusy, OSError) as err:
+        print(f"hosvd-device run: {err}", file=sys.stderr)
+        return 1
+    try:
+        from device_app.daemon import Daemon
+
+        return Daemon(cfg).run()
+    finally:
+        lock.release()
 
 
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
@@ -66,52 +78,42 @@ def _collect_first(cfg: Config, seconds: float) -> None:
     store.close()
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
-    """One local training run on what the store holds, with a tqdm progress bar."""
-    import psutil
+    """One local training run on what the store holds, with a tqdm progress bar (:func:`start_training`)."""
     from tqdm import tqdm
 
-    from device_app.bundle import resolve_bundle
-    from device_app.jobs import Job
-    from device_app.plan import PlanError, choose_plan
-    from device_app.trainer import ChildError, run_job
-    from hosvd_contract import BundleError, load_manifest
+    from device_app.jobs import ChildError, TrainOptions, start_training
+    from device_app.plan import PlanError
+    from device_app.statelock import StateDirBusy, StateLock
+    from hosvd_contract import BundleError
 
-    t = cfg.training
+    options = TrainOptions(steps=args.steps or None, batch_size=args.batch_size or None,
+                           learning_rate=args.learning_rate, progress_every=1)
     try:
-        if args.collect_seconds:
-            _collect_first(cfg, args.collect_seconds)
-        path = resolve_bundle(cfg.bundles_dir, cfg.model.bundle)
-        manifest = load_manifest(path)
-        cfg.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        common = dict(bundle_dir=str(path), db_path=str(cfg.db_path),
-                      checkpoints_root=str(cfg.checkpoints_dir), threads=cfg.model.threads)
-        probe = run_job(Job("probe", **common))
-        plan = choose_plan(manifest, ceiling_mb=t.ram_ceiling_mb,
-                           daemon_bytes=psutil.Process().memory_info().rss,
-                           child_base_bytes=probe["base_rss"], margin_mb=t.safety_margin_mb,
-                           batch_size=args.batch_size or t.batch_size,
-                           streamed_ok=probe["has_features"] and cfg.store.feature_cache)
-        steps = args.steps or t.steps
-        job = Job("train", **common, plan=plan, steps=steps,
-                  learning_rate=args.learning_rate if args.learning_rate is not None else t.learning_rate,
-                  checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-                  progress_every=1, rollback_tolerance=t.rollback_tolerance,
-                  feature_cache=cfg.store.feature_cache, seed=t.seed)
-        with tqdm(total=steps, unit="step", desc=f"train {cfg.model.bundle}", file=sys.stderr) as bar:
+        with StateLock(cfg.state_dir, "hosvd-device train"):
+            if args.collect_seconds:
+                _collect_first(cfg, args.collect_seconds)
+            steps = options.steps or cfg.training.steps
+            with tqdm(total=steps, unit="step", desc=f"train {cfg.model.bundle}", file=sys.stderr) as bar:
 
-            def progress(event: dict) -> None:
-                if event.get("event") == "progress":
+                def progress(event: dict) -> None:
                     bar.n = event["step"]
                     bar.set_postfix(loss=f"{event['loss']:.4f}", rss=f"{event['rss_mb']}MiB", refresh=False)
                     bar.refresh()
 
-            result = run_job(job, plan.child_limit_bytes, t.rss_poll_s, progress)
-    except (BundleError, PlanError, ChildError, OSError) as err:
+                result = start_training(cfg, options, on_progress=progress).wait()
+    except (BundleError, PlanError, ChildError, StateDirBusy, OSError) as err:
         print(f"hosvd-device train: {err}", file=sys.stderr)
         return 1
-    print(f"{result['status']}: {result['steps_done']} steps, loss {result['first_loss']:.4f} -> "
-          f"{result['final_loss']:.4f}, val {result['val_before']} -> {result['val_after']}, "
+    if result["status"] == "error":
+        print(f"hosvd-device train: {result['error']}", file=sys.stderr)
+        return 1
+    print(f"{result['status']}: {result['steps_done']} steps, loss {_number(result['first_loss'])} -> "
+          f"{_number(result['final_loss'])}, val {result['val_before']} -> {result['val_after']}, "
           f"peak RSS {result['peak_rss_mb']} MiB, checkpoint {result['checkpoint']}")
     if result["reason"]:
         print(result["reason"])

@@ -48,7 +48,12 @@ class MqttSection:
     client_id: str | None = spec(None, doc="MQTT client id; default hosvd-edge-<device id>")
     protocol: str = spec("5", doc="MQTT protocol version", choices=["5", "3.1.1"])
     keepalive: int = spec(30, doc="keep-alive seconds", min=5, max=3600)
-    max_payload_bytes: int = spec(65536, doc="larger requests are refused with an error", min=256)
+    max_payload_bytes: int = spec(
+        65536, doc="largest request payload: MQTT 5 asks the broker (Maximum Packet Size) to drop larger ones, "
+                   "and one that still arrives is refused with an error before it is queued", min=256)
+    response_topic_prefixes: list[str] = spec(  # noqa: RUF009 - spec() copies list defaults
+        [], doc="topic prefixes an MQTT 5 response topic may start with besides <base>/<id>/response/ "
+                "(e.g. 'replies/'); never list another device's topics")
     reconnect_min_s: float = spec(1.0, doc="first reconnect delay; doubles up to reconnect_max_s", min=0.1)
     reconnect_max_s: float = spec(60.0, doc="longest reconnect delay", min=0.1)
 
@@ -164,6 +169,10 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append("[mqtt] cert_file and key_file go together")
     if m.reconnect_min_s > m.reconnect_max_s:
         problems.append("[mqtt] reconnect_min_s must be <= reconnect_max_s")
+    for prefix in m.response_topic_prefixes:
+        if not prefix or "#" in prefix or "+" in prefix:
+            problems.append(f"[mqtt] response_topic_prefixes: {prefix!r} must be a non-empty topic prefix without "
+                            "wildcards")
     names = [s.name for s in cfg.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"[[sources]] name {name!r} is used more than once")

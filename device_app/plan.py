@@ -5,12 +5,17 @@ with a micro-batch) with the peak RSS the converter measured in a fresh process 
 after loading the bundle. The step's own cost is the difference (``measured_delta_bytes``; the analytic
 ``estimated_peak_bytes`` when nothing was measured). On the device::
 
-    need = daemon RSS + child base RSS (measured here by a probe child) + step delta + safety margin
+    need = daemon RSS + child base RSS + evaluation + step delta + data buffers + safety margin
 
-and a plan fits when ``need <= ram_ceiling_mb``. Among the plans that fit, the largest batch wins (the
-requested one if a request names it); at equal batch, ``streamed`` wins when the feature cache is on (later
-epochs then run only the trainable suffix), else ``whole``. When nothing fits, :class:`PlanError` lists
-every candidate's need.
+``child base RSS`` and ``evaluation`` (what the ``evaluate``/``evaluate_features`` arena adds) are measured on
+the device by a probe child (:mod:`device_app.jobs.child`).
+
+The data buffers are what the child holds of the store (:func:`data_buffer_bytes`): it reads one batch at a
+time (:mod:`device_app.dataset`), so they depend on the batch and on ``[store] max_samples``, never on how
+many windows are stored now. A plan fits when ``need <= ram_ceiling_mb``. Among the plans that fit, the largest
+batch wins (the requested one if a request names it); at equal batch, ``streamed`` wins when the feature cache
+is on (later epochs then run only the trainable suffix), else ``whole``. When nothing fits, :class:`PlanError`
+lists every candidate's need.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from dataclasses import asdict, dataclass
 from hosvd_contract import Manifest, MemoryPlanEntry
 
 MIB = 1 << 20
+INDEX_BYTES_PER_WINDOW = 12  # a split's ids (int64) and label indices (int32): store.SplitIndex
+SAMPLER_BYTES_PER_WINDOW = 16  # the class-balanced sampler's position and shuffled lists (int64 each)
+COPIES_PER_BATCH = 4  # SQLite's blobs, the stacked batch, the normalised copy, the interpreter's input tensor
+SQLITE_CACHE_BYTES = 2_048_000  # SQLite's default page cache per connection (cache_size = -2000)
 
 
 class PlanError(RuntimeError):
@@ -38,6 +47,8 @@ class Plan:
     step_bytes: int
     child_base_bytes: int
     daemon_bytes: int
+    data_bytes: int = 0
+    eval_bytes: int = 0
 
     @property
     def child_limit_bytes(self) -> int:
@@ -57,6 +68,23 @@ def step_bytes(entry: MemoryPlanEntry) -> int:
     return delta if delta is not None else entry.estimated_peak_bytes
 
 
+def data_buffer_bytes(manifest: Manifest, batch_size: int, max_windows: int) -> int:
+    """What a training child holds of the store besides the interpreter: SQLite's page cache, the split indexes and
+    the sampler's lists for up to ``max_windows`` windows, and one batch of windows and of prefix features
+    (float32) in every copy a batch passes through."""
+    window = 4 * _elements(manifest.input.shape)
+    features = 4 * _elements(manifest.features_shape)
+    per_window = INDEX_BYTES_PER_WINDOW + SAMPLER_BYTES_PER_WINDOW
+    return SQLITE_CACHE_BYTES + max_windows * per_window + COPIES_PER_BATCH * batch_size * (window + features)
+
+
+def _elements(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _candidates(manifest: Manifest, batch_size: int, streamed_ok: bool) -> list[MemoryPlanEntry]:
     entries = list(manifest.memory_plan)
     if not entries:  # no memory plan: one whole-batch entry per train signature, cost unknown (0)
@@ -73,7 +101,8 @@ def _candidates(manifest: Manifest, batch_size: int, streamed_ok: bool) -> list[
 
 
 def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child_base_bytes: int,
-                margin_mb: int = 16, batch_size: int = 0, streamed_ok: bool = True) -> Plan:
+                margin_mb: int = 16, batch_size: int = 0, streamed_ok: bool = True, max_windows: int = 0,
+                eval_bytes: dict[str, int] | None = None) -> Plan:
     """Pick the plan for one training run.
 
     Args:
@@ -84,6 +113,8 @@ def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child
         margin_mb: safety margin added to every need.
         batch_size: a requested batch size, 0 for the largest that fits.
         streamed_ok: the bundle has ``features``/``train_features`` and the feature cache is on.
+        max_windows: the most windows the store can hold (``[store] max_samples``), for the data buffers.
+        eval_bytes: what evaluation adds per mode (``whole``/``streamed``), measured by the probe child.
 
     Returns:
         The plan.
@@ -99,15 +130,17 @@ def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child
     needs = []
     for e in candidates:
         step = step_bytes(e)
-        need = daemon_bytes + child_base_bytes + step + margin
+        data = data_buffer_bytes(manifest, e.batch_size, max_windows)
+        evaluation = (eval_bytes or {}).get(e.mode, 0)
+        need = daemon_bytes + child_base_bytes + evaluation + step + data + margin
         if not ceiling or need <= ceiling:
             return Plan(e.batch_size, e.mode, e.micro_batch, need, ceiling, step, child_base_bytes,
-                        daemon_bytes)
+                        daemon_bytes, data, evaluation)
         needs.append(f"batch {e.batch_size} {e.mode}"
                      f"{f' (micro-batch {e.micro_batch})' if e.mode == 'streamed' else ''}: "
                      f"{need / MIB:.1f} MiB")
     raise PlanError(
         f"no training plan fits ram_ceiling_mb = {ceiling_mb}: daemon {daemon_bytes / MIB:.1f} MiB + bundle "
-        f"loaded {child_base_bytes / MIB:.1f} MiB + step + margin {margin_mb} MiB needs "
+        f"loaded {child_base_bytes / MIB:.1f} MiB + evaluation + step + data + margin {margin_mb} MiB needs "
         + "; ".join(needs) + ". Raise [training] ram_ceiling_mb, or convert the bundle with a smaller batch "
         "or fewer trainable layers")

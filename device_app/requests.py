@@ -16,6 +16,7 @@ from device_app.config import NAME_PATTERN
 from device_app.schema import collect, spec
 
 LABEL_PATTERN = r"[^\x00-\x1f]{1,64}"
+MAX_ID = 2**63 - 1  # SQLite's largest rowid
 
 
 class RequestError(ValueError):
@@ -42,7 +43,8 @@ class EvaluateRequest(Request):
 @dataclass(frozen=True, kw_only=True)
 class LabelRequest(Request):
     label: str = spec(doc="one of the bundle's labels", pattern=LABEL_PATTERN)
-    ids: list[int] | None = spec(None, doc="window ids to label", max_len=10000)  # noqa: RUF009
+    ids: list[int] | None = spec(None, doc="window ids to label", max_len=10000, item_min=1,  # noqa: RUF009
+                                 item_max=MAX_ID)
     last: int | None = spec(None, doc="or: the newest N windows", min=1, max=100000)
 
 
@@ -53,6 +55,8 @@ class CollectRequest(Request):
     split: str = spec("auto", doc="split for the windows collected now", choices=["auto", "train", "val"])
     windows: int | None = spec(None, doc="stop after this many windows", min=1, max=1_000_000)
     sources: list[str] | None = spec(None, doc="source names; default all", max_len=32)  # noqa: RUF009
+    replay: bool = spec(False, doc="csv sources: play every file again from its start, even the windows "
+                                   "already stored (by default a replay resumes where it got to)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,11 +70,19 @@ COMMANDS: dict[str, type[Request]] = {
 }
 
 
+def _loads(payload: bytes) -> Any:
+    """JSON of a request payload; nesting too deep for the parser is invalid JSON too."""
+    try:
+        return json.loads(payload)
+    except RecursionError as err:
+        raise ValueError("nested too deeply") from err
+
+
 def transaction_of(payload: bytes) -> str | int | None:
     """The request's transaction if the payload is readable enough to have one (for error responses)."""
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        data = _loads(payload)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     value = data.get("transaction") if isinstance(data, dict) else None
     return value if isinstance(value, str | int) and not isinstance(value, bool) else None
@@ -96,8 +108,8 @@ def parse_request(command: str, payload: bytes, max_bytes: int) -> Request:
     if command not in COMMANDS:
         raise RequestError(f"unknown command {command!r}; allowed: {sorted(COMMANDS)}")
     try:
-        data: Any = json.loads(payload) if payload.strip() else {}
-    except (ValueError, UnicodeDecodeError) as err:
+        data: Any = _loads(payload) if payload.strip() else {}
+    except ValueError as err:
         raise RequestError(f"payload is not valid JSON: {err}") from err
     request, problems = collect(COMMANDS[command], data, f"request {command}:")
     if problems:

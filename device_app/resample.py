@@ -73,12 +73,13 @@ class Resampler:
             if g > sample.t + ON_GRID_S:
                 break
             if abs(g - sample.t) <= ON_GRID_S:
-                out.append(Sample(g, sample.values, sample.label))
+                out.append(Sample(g, sample.values, sample.label, sample.mark))
             else:  # prev.t < g < sample.t: the points up to prev.t went out with prev
                 # numpy.interp's formula: fp[j] + slope * (x - xp[j])
                 w = g - prev.t
                 values = tuple(p + (s - p) / dt * w for p, s in zip(prev.values, sample.values, strict=True))
-                out.append(Sample(g, values, prev.label if w < dt / 2 else sample.label))
+                # the resume mark of the sample before: a replay resumed after it never repeats this point
+                out.append(Sample(g, values, prev.label if w < dt / 2 else sample.label, prev.mark))
             self.k += 1
         self.prev = sample
         return out

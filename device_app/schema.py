@@ -25,7 +25,8 @@ def spec(default: Any = dataclasses.MISSING, doc: str = "", **rules: Any) -> Any
         default: the default value; omit it for a required key. Lists are copied per instance.
         doc: one line for the config reference.
         **rules: ``choices`` (allowed values), ``min``/``max`` (numbers, or list/str length with
-            ``min_len``/``max_len``), ``pattern`` (regular expression a string must match in full).
+            ``min_len``/``max_len``), ``item_min``/``item_max`` (every number in a list), ``pattern`` (regular
+            expression a string must match in full).
 
     Returns:
         A ``dataclasses.field``.
@@ -90,6 +91,11 @@ def _rule_problem(value: Any, meta: dict[str, Any]) -> str | None:
             return f"must have at least {meta['min_len']} item(s)/character(s)"
         if "max_len" in meta and len(value) > meta["max_len"]:
             return f"must have at most {meta['max_len']} item(s)/character(s)"
+    if isinstance(value, list):
+        low, high = meta.get("item_min"), meta.get("item_max")
+        bad = [v for v in value if (low is not None and v < low) or (high is not None and v > high)]
+        if bad:
+            return f"every item must be between {low} and {high}, {len(bad)} are not (first {_short(bad[0])})"
     pattern = meta.get("pattern")
     if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
         return f"must match {pattern}"

@@ -2,9 +2,11 @@
 
 Plain functions over a bundle, a store and a job; progress goes out through an ``emit`` callback and a stop
 request comes in through a ``threading.Event``-like object, so the same code runs in the daemon's child and
-in tests. Rules: restore the newest checkpoint first; checkpoint every ``checkpoint_every`` steps and at the
-end; on a non-finite loss restore the last good weights and stop; when validation accuracy ends more than
-``rollback_tolerance`` below where the run started, discard the run's checkpoints and restore the start.
+in tests. The store is read one batch at a time (:mod:`device_app.dataset`): class-balanced batches of window
+ids, evaluation in batches too, so memory does not grow with the number of stored windows. Rules: restore the
+newest checkpoint first; checkpoint every ``checkpoint_every`` steps and at the end; on a non-finite loss
+restore the last good weights and stop; when validation accuracy ends more than ``rollback_tolerance`` below
+where the run started, discard the run's checkpoints and restore the start.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from device_app import checkpoint, steps
+from device_app import checkpoint
 from device_app.bundle import Bundle
-from device_app.jobs import Job
-from device_app.store import Dataset, Store
+from device_app.dataset import BatchReader, balanced_batches
+from device_app.jobs.spec import Job
+from device_app.store import Store, disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
@@ -45,46 +48,12 @@ def restore(bundle: Bundle, checkpoints_root: str) -> checkpoint.Checkpoint | No
     return ckpt
 
 
-def prefix_features(bundle: Bundle, store: Store | None, data: Dataset, micro_batch: int) -> np.ndarray:
-    """Frozen-prefix outputs of ``data``, from the store's cache where present (``store=None``: no cache).
-
-    Missing ones are computed ``micro_batch`` windows at a time and added to the cache.
-    """
-    if len(data) == 0:
-        return np.zeros((0, *bundle.manifest.features_shape), np.float32)
-    cached = store.cached_features(data.ids, bundle.sha256) if store is not None else {}
-    missing = [i for i, sid in enumerate(data.ids) if int(sid) not in cached]
-    if missing:
-        computed = bundle.features(data.x[missing], micro_batch)
-        if store is not None:
-            store.put_features(data.ids[missing], computed, bundle.sha256)
-        cached.update({int(data.ids[i]): f for i, f in zip(missing, computed, strict=True)})
-        log.info("Computed prefix features for %d windows (%d were cached)", len(missing),
-                 len(data) - len(missing))
-    return np.stack([cached[int(sid)] for sid in data.ids])
-
-
-def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless index batches: shuffled epochs, sampling with replacement when ``n < batch_size``."""
-    while True:
-        if n < batch_size:
-            yield rng.integers(0, n, batch_size)
-            continue
-        order = rng.permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield order[i:i + batch_size]
-
-
 def _finite(weights: dict[str, np.ndarray]) -> bool:
     return all(np.isfinite(v).all() for v in weights.values())
 
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
-
-
-def _metrics(bundle: Bundle, x: np.ndarray, y: np.ndarray, from_features: bool) -> dict[str, float] | None:
-    return bundle.evaluate(x, y, from_features) if len(x) else None
 
 
 def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopFlag,
@@ -110,31 +79,27 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
     start_step = start.step if start else 0
     if job.learning_rate is not None:
         bundle.set_learning_rate(job.learning_rate)
-    train, val = store.dataset("train", labels), store.dataset("val", labels)
+    train, val = store.split_index("train", labels), store.split_index("val", labels)
     if len(train) == 0:
         raise TrainingError(f"no labelled training windows in the store for labels {labels}: collect "
                             "and label data first")
     from_features = plan.mode == "streamed" and bundle.has_features
-    cache = store if job.feature_cache else None
-    x_train = prefix_features(bundle, cache, train, plan.micro_batch) if from_features else train.x
-    x_val = prefix_features(bundle, cache, val, plan.micro_batch) if from_features else val.x
-    val_before = _metrics(bundle, x_val, val.y, from_features)
+    reader = BatchReader(bundle, store, from_features, plan.micro_batch, job.feature_cache)
+    eval_batch = job.eval_batch or plan.batch_size
+    val_before = reader.evaluate(val, eval_batch)
     start_weights = good = bundle.get_weights()
     t0 = time.monotonic()
     rng = np.random.default_rng(job.seed + start_step)
     losses: list[float] = []
     corrects: list[float] = []
     status, reason, written = "ok", "", []
-    batch_iter = batches(len(train), plan.batch_size, rng)
+    batch_iter = balanced_batches(train.y, plan.batch_size, rng)
     for i in range(job.steps):
         if stop.is_set():
             status, reason = "stopped", f"stop requested after {i} steps"
             break
         idx = next(batch_iter)
-        if from_features:
-            loss, correct = steps.train_step_on_features(bundle, x_train[idx], train.y[idx])
-        else:
-            loss, correct = steps.train_step(bundle, x_train[idx], train.y[idx], plan.mode, plan.micro_batch)
+        loss, correct = reader.train_step(train.ids[idx], train.y[idx], plan.mode)
         step = start_step + i + 1
         if not math.isfinite(loss):
             bundle.set_weights(good)
@@ -156,9 +121,9 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
                 reason = f"weights became non-finite by step {step}; restored the last good weights"
                 break
             good = weights
-            written.append(checkpoint.save(ckpt_dir, step, good, _meta(bundle, loss), job.keep_checkpoints))
+            written.append(_save(ckpt_dir, step, good, _meta(bundle, loss), job.keep_checkpoints))
     steps_done = len(losses)
-    val_after = _metrics(bundle, x_val, val.y, from_features)
+    val_after = reader.evaluate(val, eval_batch)
     tol = job.rollback_tolerance
     if (status == "ok" and tol is not None and val_before and val_after
             and val_after["accuracy"] < val_before["accuracy"] - tol):
@@ -169,8 +134,8 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
     elif steps_done and status != "rolled_back":
         final = bundle.get_weights()
         if _finite(final):
-            written.append(checkpoint.save(ckpt_dir, start_step + steps_done, final,
-                                           _meta(bundle, losses[-1], val_after), job.keep_checkpoints))
+            written.append(_save(ckpt_dir, start_step + steps_done, final, _meta(bundle, losses[-1], val_after),
+                                 job.keep_checkpoints))
         else:
             bundle.set_weights(good)
             status, reason = "rolled_back", "weights became non-finite; restored the last good weights"
@@ -181,7 +146,9 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
         "global_step": newest[0][0] if newest else 0, "first_loss": _mean(losses[:k]),
         "final_loss": _mean(losses[-k:]), "final_accuracy": _mean(corrects[-k:]),
         "val_before": val_before, "val_after": val_after, "n_train": len(train), "n_val": len(val),
-        "from_features": from_features, "plan": plan.to_dict(),
+        "from_features": from_features, "features_computed": reader.computed, "features_cached": reader.cached,
+        "windows_vanished": reader.vanished,
+        "plan": plan.to_dict(),
         "elapsed_s": round(time.monotonic() - t0, 3),
         "checkpoint": newest[0][1].name if newest else None,
     }
@@ -197,7 +164,18 @@ def _discard_run(bundle: Bundle, ckpt_dir: Path, written: list[Path], start_step
     bundle.set_weights(start_weights)
     newest = checkpoint.listing(ckpt_dir)
     if start_step and (not newest or newest[0][0] != start_step):
-        checkpoint.save(ckpt_dir, start_step, start_weights, _meta(bundle, float("nan")), keep)
+        _save(ckpt_dir, start_step, start_weights, _meta(bundle, float("nan")), keep)
+
+
+def _save(ckpt_dir: Path, step: int, weights: dict[str, np.ndarray], meta: dict[str, Any], keep: int) -> Path:
+    """:func:`checkpoint.save`, with a full disk reported as such (the previous checkpoints stay as they were)."""
+    try:
+        return checkpoint.save(ckpt_dir, step, weights, meta, keep)
+    except OSError as err:
+        if is_disk_full(err):
+            raise TrainingError(disk_full_message(ckpt_dir, f"cannot write the checkpoint of step {step}",
+                                                  err)) from err
+        raise
 
 
 def _meta(bundle: Bundle, loss: float, val: dict[str, float] | None = None) -> dict[str, Any]:
@@ -215,8 +193,11 @@ def run_evaluation(bundle: Bundle, store: Store, job: Job) -> dict[str, Any]:
         TrainingError: no labelled windows in that split.
     """
     ckpt = restore(bundle, job.checkpoints_root)
-    data = store.dataset(job.split, bundle.manifest.labels)
-    if len(data) == 0:
+    index = store.split_index(job.split, bundle.manifest.labels)
+    if len(index) == 0:
         raise TrainingError(f"no labelled windows in split {job.split!r} to evaluate")
-    result = bundle.evaluate(data.x, data.y)
+    reader = BatchReader(bundle, store, from_features=False, micro_batch=1, cache=False)
+    result = reader.evaluate(index, job.eval_batch or bundle.manifest.default_batch_size)
+    if result is None:
+        raise TrainingError(f"the windows of split {job.split!r} were deleted while it was being evaluated")
     return {"split": job.split, **result, "global_step": ckpt.step if ckpt else 0}

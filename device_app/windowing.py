@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,11 +22,21 @@ from hosvd_contract import BundleError, InputSpec
 @dataclass(frozen=True)
 class Window:
     """One model input: ``x`` (the bundle's input shape) float32, the majority label of its samples, start
-    time (s; ``None`` for untimed samples)."""
+    time (s; ``None`` for untimed samples), and the furthest resume mark of each input its samples came from
+    (``{key: rows read}``, see ``Sample.mark``)."""
 
     x: np.ndarray
     label: str | None
     t: float | None
+    marks: dict[str, int] = field(default_factory=dict)
+
+
+def _marks(samples: Iterable[Sample]) -> dict[str, int]:
+    marks: dict[str, int] = {}
+    for s in samples:
+        if s.mark is not None:
+            marks[s.mark[0]] = max(marks.get(s.mark[0], 0), s.mark[1])
+    return marks
 
 
 class Windower:
@@ -63,7 +73,7 @@ class Windower:
         x = np.array([s.values for s in self.buffer], dtype=np.float32)
         labels = Counter(s.label for s in self.buffer if s.label is not None)
         label = labels.most_common(1)[0][0] if labels else None
-        return Window(x, label, self.buffer[0].t)
+        return Window(x, label, self.buffer[0].t, _marks(self.buffer))
 
 
 def model_inputs(source: Source, stop: threading.Event, window_length: int) -> Iterator[Window]:
@@ -77,7 +87,7 @@ def model_inputs(source: Source, stop: threading.Event, window_length: int) -> I
     ctx = source.context
     if ctx.layout != "NLC":  # frames: each sample is one input
         for sample in source.samples(stop):
-            yield Window(np.asarray(sample.values, dtype=np.float32), sample.label, sample.t)
+            yield Window(np.asarray(sample.values, dtype=np.float32), sample.label, sample.t, _marks([sample]))
         return
     windower = Windower(window_length, len(ctx.channels), source.options.hop)
     for sample in resampled(source.samples(stop), ctx.rate_hz, declared_rate(source.options)):

@@ -48,11 +48,6 @@ class InputSpec:
     channels: list[str] | None = None
     rate_hz: float | None = None
 
-    @property
-    def window_length(self) -> int | None:
-        """Samples per window for ``NLC`` sensor models, else ``None``."""
-        return self.shape[0] if self.layout == "NLC" else None
-
 
 @dataclass(frozen=True)
 class WeightSpec:

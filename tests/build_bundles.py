@@ -5,7 +5,8 @@ legacy-runtime test run (no TensorFlow) can use them. Each bundle carries a ``bu
 options and of a hash of the sources that shape it (``converter/``, ``hosvd_contract/`` and this file); a bundle
 is rebuilt when its stamp no longer matches, so the tests never train what an older converter built.
 
-The IMU model reads windows of 32 samples × 3 accelerometer axes at 50 Hz (layout NLC) and tells 3 classes.
+The IMU model reads windows of 32 samples × 3 accelerometer axes at 50 Hz (layout NLC) and tells 3 classes. The
+image model reads 64×64×3 float32 images (48 KiB each, layout NHWC): large windows for the store-size tests.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ STAMP = "build-spec.json"
 IMU_SHAPE = (32, 3)
 IMU_LABELS = ["idle", "walk", "shake"]
 IMU_CHANNELS = ["ax", "ay", "az"]
+IMAGE_SHAPE = (64, 64, 3)
 
-# name -> convert() options on top of the IMU model's (add an entry for a new test bundle).
+# name -> convert() options on top of the IMU model's, or of the one ``model`` names in MODELS (add an entry for a
+# new test bundle).
 BUNDLES: dict[str, dict] = {
     # what the device tests train
     "imu_hosvd": dict(compression="hosvd", epsilon=0.9, batch_sizes=(8, 4), learning_rate=0.05),
@@ -32,6 +35,8 @@ BUNDLES: dict[str, dict] = {
     # The other two methods, for the x86/aarch64 parity check (tests/arm64): no memory measurement needed.
     "imu_svd": dict(compression="svd", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
     "imu_asi": dict(compression="asi", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05, measure_memory=False),
+    # 48 KiB windows: the training child's memory at 100 to 10,000 stored windows (test_store_scale)
+    "image_hosvd": dict(model="image", compression="hosvd", epsilon=0.9, batch_sizes=(8,), learning_rate=0.05),
 }
 
 
@@ -77,6 +82,25 @@ def imu_model(seed: int = 0):
     return keras.Model(inp, out, name="imu_cnn")
 
 
+def image_model(seed: int = 0):
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(IMAGE_SHAPE, name="image")
+    h = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv_a")(inp)
+    h = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="conv_b")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(len(IMU_LABELS), activation="softmax", name="head")(h)
+    return keras.Model(inp, out, name="image_cnn")
+
+
+MODELS = {  # model function, train_last, input spec
+    "imu": (imu_model, 3, dict(layout="NLC", channels=IMU_CHANNELS, rate_hz=50.0)),
+    "image": (image_model, 2, dict(layout="NHWC")),
+}
+
+
 def build(out_dir: str | Path) -> dict[str, Path]:
     """Build every bundle of :data:`BUNDLES` under ``out_dir`` whose stamp is stale; returns name -> directory."""
     from converter.convert import convert
@@ -85,8 +109,10 @@ def build(out_dir: str | Path) -> dict[str, Path]:
     for name in stale(out_dir):
         target = out_dir / name
         (target / STAMP).unlink(missing_ok=True)
-        convert(imu_model(), target, train_last=3, optimizer="sgd", labels=IMU_LABELS,
-                input_spec=dict(layout="NLC", channels=IMU_CHANNELS, rate_hz=50.0), **BUNDLES[name])
+        options = dict(BUNDLES[name])
+        model, train_last, input_spec = MODELS[options.pop("model", "imu")]
+        convert(model(), target, train_last=train_last, optimizer="sgd", labels=IMU_LABELS, input_spec=input_spec,
+                **options)
         (target / STAMP).write_text(build_spec(name))
     return {name: out_dir / name for name in BUNDLES}
 

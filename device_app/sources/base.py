@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -22,11 +22,20 @@ class Sample:
     ``t`` is ``None`` when the source has no sampling time for it (a CSV without a ``timestamp`` column):
     such samples cannot be resampled (:mod:`device_app.resample`). A frame source (a camera, for ``NHWC``
     models) puts a whole model input in ``values``: an ``(H, W, C)`` array.
+
+    ``mark`` is set by sources that can resume (CSV replay): ``(key, n)`` says that with this sample ``n`` rows
+    of the input ``key`` have been read. The collector saves the marks of a window's samples with the window,
+    and the source skips that many rows when it starts again (:attr:`SourceContext.resume_from`).
     """
 
     t: float | None
     values: tuple[float, ...] | np.ndarray
     label: str | None = None
+    mark: tuple[str, int] | None = None
+
+
+def _from_start(key: str) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,8 @@ class SourceContext:
     ``channels`` are the model's input channel names in column order (``manifest.input.channels``, or
     ``ch0..chN`` when the bundle names none), ``rate_hz`` the rate the model expects (``None`` if unknown),
     ``shape`` and ``layout`` the model's per-sample input (``manifest.input``). ``topic`` is the MQTT topic
-    an ``mqtt`` source listens on.
+    an ``mqtt`` source listens on. ``resume_from(key)`` gives how many rows of the input ``key`` are already in
+    stored windows (0 when replaying from the start).
     """
 
     channels: list[str]
@@ -44,6 +54,7 @@ class SourceContext:
     topic: str = ""
     shape: tuple[int, ...] = ()
     layout: str = "NLC"
+    resume_from: Callable[[str], int] = field(default=_from_start, compare=False)
 
     @classmethod
     def for_input(cls, spec: InputSpec) -> SourceContext:

@@ -3,11 +3,18 @@
 ``path`` is one file or a directory (every ``*.csv`` in name order). The window label comes from the
 source's ``label`` option, else a ``label`` column, else (with ``label_from_filename``) the file name up to
 its first dot, as Edge Impulse names exports (``walking.1.csv``).
+
+A replay resumes, it does not repeat: every sample carries the mark ``("csv:<sha256 of the file>", rows read)``,
+the store keeps the marks of each stored window, and a new start (daemon restart, ``reload``) skips the rows
+already in stored windows. A file is known by its content, so a renamed copy is not replayed again and an edited
+file is a new recording. ``collect`` with ``"replay": true`` plays the files from the start again, as does each
+new pass with ``loop = true``.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +24,9 @@ from pathlib import Path
 from device_app.schema import spec
 from device_app.sources.base import Sample, SourceOptions
 from device_app.sources.base import Source as BaseSource
+from hosvd_contract import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,19 +99,29 @@ class Source(BaseSource):
 
     def samples(self, stop: threading.Event) -> Iterator[Sample]:
         opts = self.options
+        first_pass = True
         while not stop.is_set():
             for file in self.files():
+                key = f"csv:{file_sha256(file)}"
+                skip = self.context.resume_from(key) if first_pass else 0
+                if skip:
+                    log.info("source %s: %s: resuming after row %d (already in stored windows)", opts.name,
+                             file.name, skip)
                 name_label = file.name.split(".")[0] if opts.label_from_filename else None
                 start_wall, start_t = time.monotonic(), None
-                for sample in read_rows(file, opts.columns, self.context.channels, name_label):
+                rows = read_rows(file, opts.columns, self.context.channels, name_label)
+                for n, sample in enumerate(rows, start=1):
                     if stop.is_set():
                         return
+                    if n <= skip:
+                        continue
                     if opts.pacing == "realtime":
                         start_t = sample.t if start_t is None else start_t
                         delay = start_wall + (sample.t - start_t) / opts.speed - time.monotonic()
                         if delay > 0 and stop.wait(delay):
                             return
                     label = opts.label or sample.label
-                    yield Sample(sample.t, sample.values, label)
+                    yield Sample(sample.t, sample.values, label, (key, n))
             if not opts.loop:
                 return
+            first_pass = False

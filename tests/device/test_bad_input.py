@@ -9,7 +9,9 @@ import time
 import uuid
 
 import paho.mqtt.client as paho
+import pytest
 from conftest import idle
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -38,6 +40,8 @@ def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, clien
         ("reload", b'{"bundle": "missing"}', "no bundle 'missing'"),
         ("label", b'{"label": "no-such-class", "last": 1}', "is not one of the bundle's labels"),
         ("label", b'{"label": "x", "ids": [1], "last": 2}', "give exactly one of ids or last"),
+        ("label", b'{"label": "idle", "ids": [9223372036854775808]}',
+         "ids: every item must be between 1 and 9223372036854775807"),
         ("collect", b'{"action": "pause"}', "action: must be one of ['start', 'stop']"),
         ("collect", b'{"action": "start", "sources": ["nope"]}', "unknown sources ['nope']"),
         ("stop", b"{}", "nothing to stop"),
@@ -58,24 +62,49 @@ def test_every_malformed_request_gets_an_error_and_nothing_is_lost(broker, clien
     assert status["data"]["bundle"] == "imu_hosvd"
 
 
-def test_mqtt5_response_topic_and_correlation_data_are_honoured(broker, client_factory, device_factory) -> None:
-    device_factory(broker.port).start()
+def test_deep_nesting_is_invalid_json_not_a_crash() -> None:
+    from device_app.requests import RequestError, parse_request, transaction_of
+
+    payload = b'{"transaction": "t", "ids": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(RequestError, match="payload is not valid JSON: nested too deeply"):
+        parse_request("label", payload, 1 << 20)
+    assert transaction_of(payload) is None
+
+
+def test_mqtt5_response_topics_are_honoured_only_where_allowed(broker, client_factory, device_factory) -> None:
+    dev = device_factory(broker.port, mqtt={"response_topic_prefixes": ["replies/"]}).start()
     cl = client_factory(broker.port)
     cl.wait("status", idle, timeout=60)
-    reply_topic = f"replies/{uuid.uuid4().hex[:6]}"
-    got: list[paho.MQTTMessage] = []
-    cl.c.message_callback_add(reply_topic, lambda c, u, m: got.append(m))
-    cl.c.subscribe(reply_topic, qos=1)
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply_topic
-    props.CorrelationData = b"corr-123"
-    cl.c.publish("hosvd-edge/dev1/request/status", b'{"transaction": 7}', qos=1, properties=props)
-    deadline = time.monotonic() + 10
-    while not got and time.monotonic() < deadline:
+    got: dict[str, list[paho.MQTTMessage]] = {}
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    watcher.on_message = lambda c, u, m: got.setdefault(m.topic, []).append(m)
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.subscribe("#", qos=1)
+    watcher.loop_start()
+    time.sleep(0.5)
+    mine = f"replies/{uuid.uuid4().hex[:6]}"
+    own = "hosvd-edge/dev1/response/status/me"
+    # another device's report, and the device's own request topic: never published to
+    refused = ["hosvd-edge/dev2/report", "hosvd-edge/dev1/request/rollback", "hosvd-edge/dev1/status", "elsewhere"]
+    for i, topic in enumerate([mine, own, *refused]):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = topic
+        props.CorrelationData = f"corr-{i}".encode()
+        cl.c.publish("hosvd-edge/dev1/request/status", f'{{"transaction": {i}}}'.encode(), qos=1,
+                     properties=props)
+    deadline = time.monotonic() + 15
+    while len(got.get("hosvd-edge/dev1/response/status", [])) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert got, "no response on the MQTT 5 response topic"
-    assert got[0].properties.CorrelationData == b"corr-123"
-    assert b'"transaction":7' in got[0].payload and b'"status":"ok"' in got[0].payload
+    assert len(got["hosvd-edge/dev1/response/status"]) == 6  # every request answered on the usual topic
+    for i, topic in enumerate([mine, own]):
+        assert [m.properties.CorrelationData for m in got[topic]] == [f"corr-{i}".encode()], topic
+        assert f'"transaction":{i}'.encode() in got[topic][0].payload
+    for topic in refused:
+        assert not [m for m in got.get(topic, []) if b'"status"' in m.payload and b'"data"' in m.payload], topic
+    watcher.disconnect()
+    watcher.loop_stop()
+    assert "ignored its response topic 'hosvd-edge/dev2/report'" in dev.log()
+    assert cl.request("status")["data"]["global_step"] == 0  # the rollback topic got nothing
 
 
 def test_reload_switches_bundle_by_name(broker, client_factory, device_factory) -> None:

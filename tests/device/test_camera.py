@@ -65,7 +65,7 @@ def _collect(tmp_path: Path, opts, shape: tuple[int, int, int], label: str) -> n
     while collector.active() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not collector.active(), "the video did not end the source"
-    x = store.dataset("train", [label]).x
+    x = store.windows(store.split_index("train", [label]).ids)
     store.close()
     return x
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from conftest import idle
+from conftest import idle, wait_for
 
-from device_app.jobs import Job
-from device_app.trainer import ChildError, ChildRun
+from device_app.jobs import ChildError, ChildRun, Job
 
 SLOW_FSYNC_HOOK = '''
 import os, time
@@ -33,14 +31,6 @@ if _marker:
 '''
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, client_factory, device_factory,
                                                                      tmp_path: Path) -> None:
     hook = tmp_path / "hook"
@@ -52,7 +42,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, clie
     cl = client_factory(broker.port)
     cl.wait("status", idle, timeout=60)
     assert cl.request("train", {"steps": 40})["status"] == "ok"
-    _wait_for(marker.exists, 60, "the checkpoint writer never reached step 20")
+    wait_for(lambda: marker.exists() and marker.read_text(), 60, "the checkpoint writer never reached step 20")
     dev.kill()  # SIGKILL to the daemon and its training child, mid-write
 
     ckpt_dir = next((dev.state_dir / "checkpoints").iterdir())
@@ -91,14 +81,14 @@ def test_broker_restart_during_training_still_delivers_the_report(broker, client
     assert cl.request("train", {"transaction": "long", "steps": steps})["status"] == "ok"
     cl.wait("progress", lambda p: p.get("transaction") == "long", timeout=60)
     broker.stop()
-    _wait_for(lambda: _outbox_size(dev.db) == 1, 120, "the report never reached the outbox")
+    wait_for(lambda: _outbox_size(dev.db) == 1, 120, "the report never reached the outbox")
     assert dev.alive()
     broker.start()
     cl2 = client_factory(broker.port)
     report = cl2.wait("report", lambda p: p.get("transaction") == "long", timeout=60)
     assert report["status"] == "ok" and report["steps_done"] == steps
     assert report["global_step"] == 50 + steps
-    _wait_for(lambda: _outbox_size(dev.db) == 0, 30, "the outbox was not emptied after delivery")
+    wait_for(lambda: _outbox_size(dev.db) == 0, 30, "the outbox was not emptied after delivery")
     assert cl2.wait("status", idle)["global_step"] == 50 + steps
     assert "Sending 1 queued message(s) from the outbox" in dev.log()
     # the restarted broker forgot every subscription: answering proves the daemon subscribed again

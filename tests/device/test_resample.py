@@ -49,7 +49,7 @@ def _collect(tmp_path: Path, sources: list, rate_hz: float) -> np.ndarray:
     while collector.active() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not collector.active(), "the source did not end"
-    x = store.dataset("train", ["walk"]).x
+    x = store.windows(store.split_index("train", ["walk"]).ids)
     store.close()
     return x
 

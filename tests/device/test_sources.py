@@ -207,8 +207,8 @@ def test_collector_stores_labelled_windows_and_stops_after_n(tmp_path: Path) -> 
     counts = store.counts()
     assert counts["total"] == 12
     assert set(counts["by_label"]) == {"idle", "walk"}
-    data = store.dataset("train", ["idle", "walk"])
-    assert data.x.shape == (12, 5, 3) and np.isfinite(data.x).all()
+    x = store.windows(store.split_index("train", ["idle", "walk"]).ids)
+    assert x.shape == (12, 5, 3) and np.isfinite(x).all()
     collector.start(label="walk", windows=3)
     wait_until(lambda: not collector.active(), 10, "the collector stopping after 3 windows")
     assert store.counts()["by_label"]["walk"]["train"] == counts["by_label"]["walk"]["train"] + 3

@@ -20,11 +20,14 @@ def test_wal_mode_and_round_trip(tmp_path: Path) -> None:
     ids = [store.add(_window(i), "a" if i % 2 else "b", "src") for i in range(6)]
     with sqlite3.connect(tmp_path / "s.sqlite") as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    data = store.dataset("train", ["b", "a"])
-    assert list(data.ids) == ids and data.x.shape == (6, 4, 3)
-    assert list(data.y) == [0, 1, 0, 1, 0, 1]
-    np.testing.assert_array_equal(data.x[3], _window(3))
-    assert len(store.dataset("train", ["zzz"])) == 0
+    index = store.split_index("train", ["b", "a"])
+    assert list(index.ids) == ids and list(index.y) == [0, 1, 0, 1, 0, 1]
+    x = store.windows(index.ids[[3, 0, 3]])  # in the order asked, repeats allowed
+    assert x.shape == (3, 4, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], _window(3))
+    np.testing.assert_array_equal(x[1], _window(0))
+    assert len(store.split_index("train", ["zzz"])) == 0
+    assert len(store.split_index("all", ["a"])) == 3
 
 
 def test_val_split_is_class_balanced(tmp_path: Path) -> None:
@@ -49,8 +52,8 @@ def test_retention_drops_oldest_of_the_largest_class(tmp_path: Path) -> None:
     assert counts["total"] == 10
     # 8 walk + 8 idle settle at 5 + 5; each unlabelled window then costs the largest class (ties: by name)
     assert {k: v["train"] for k, v in counts["by_label"].items()} == {"walk": 4, "idle": 3, "": 3}
-    walk = store.dataset("train", ["walk"])
-    assert [float(x[0, 0]) for x in walk.x] == [4.0, 5.0, 6.0, 7.0]  # the oldest went
+    walk = store.windows(store.split_index("train", ["walk"]).ids)
+    assert [float(x[0, 0]) for x in walk] == [4.0, 5.0, 6.0, 7.0]  # the oldest went
 
 
 def test_retention_prefers_unlabelled_on_a_tie(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from device_app import checkpoint
 from device_app.bundle import Bundle
 from device_app.cli import main
 from device_app.jobs import Job
-from device_app.plan import MIB, PlanError, choose_plan
+from device_app.plan import MIB, PlanError, choose_plan, data_buffer_bytes
 from device_app.store import Store
 from device_app.training import run_training
 from hosvd_contract import Manifest, MemoryPlanEntry
@@ -36,21 +36,28 @@ def test_plan_picks_the_largest_batch_that_fits(imu_manifest: Manifest) -> None:
     small, big = batches[0], batches[-1]
     m = _with_plan(imu_manifest, [_entry(big, "whole", 150), _entry(big, "streamed", 90),
                                   _entry(small, "whole", 70)])
-    # need = daemon 40 + child base 45 + (peak - base) + margin 10
-    plan = choose_plan(m, ceiling_mb=400, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10)
-    assert (plan.batch_size, plan.mode) == (big, "streamed") and plan.need_bytes == (40 + 45 + 40 + 10) * MIB
-    plan = choose_plan(m, ceiling_mb=400, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10,
-                       streamed_ok=False)
-    assert (plan.batch_size, plan.mode) == (big, "whole") and plan.need_bytes == (40 + 45 + 100 + 10) * MIB
-    plan = choose_plan(m, ceiling_mb=120, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10,
-                       streamed_ok=False)
-    assert (plan.batch_size, plan.mode) == (small, "whole") and plan.child_limit_bytes == 80 * MIB
+    # need = daemon 40 + child base 45 + evaluation + (peak - base) + data buffers + margin 10
+    data_big = data_buffer_bytes(m, big, 1000)
+    data_small = data_buffer_bytes(m, small, 1000)
+    assert data_big - data_small == 4 * (big - small) * 4 * (32 * 3 + np.prod(m.features_shape))
+    common = dict(daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10, max_windows=1000,
+                  eval_bytes={"whole": 3 * MIB, "streamed": 1 * MIB})
+    plan = choose_plan(m, ceiling_mb=400, **common)
+    assert (plan.batch_size, plan.mode) == (big, "streamed")
+    assert plan.need_bytes == (40 + 45 + 1 + 40 + 10) * MIB + data_big and plan.data_bytes == data_big
+    plan = choose_plan(m, ceiling_mb=400, streamed_ok=False, **common)
+    assert (plan.batch_size, plan.mode) == (big, "whole")
+    assert plan.need_bytes == (40 + 45 + 3 + 100 + 10) * MIB + data_big and plan.eval_bytes == 3 * MIB
+    plan = choose_plan(m, ceiling_mb=125, streamed_ok=False, **common)
+    assert (plan.batch_size, plan.mode) == (small, "whole") and plan.child_limit_bytes == 85 * MIB
+    # the data buffers grow with max_samples (the store's bound), never with what is stored now
+    assert data_buffer_bytes(m, big, 10_000) - data_big == 9000 * 28
     with pytest.raises(PlanError) as info:
-        choose_plan(m, ceiling_mb=100, daemon_bytes=40 * MIB, child_base_bytes=45 * MIB, margin_mb=10)
+        choose_plan(m, ceiling_mb=100, **common)
     message = str(info.value)
     assert "no training plan fits ram_ceiling_mb = 100" in message
-    assert f"batch {big} streamed (micro-batch 2): 135.0 MiB" in message
-    assert f"batch {small} whole: 115.0 MiB" in message
+    assert f"batch {big} streamed (micro-batch 2): {(136 * MIB + data_big) / MIB:.1f} MiB" in message
+    assert f"batch {small} whole: {(118 * MIB + data_small) / MIB:.1f} MiB" in message
     with pytest.raises(PlanError, match="batch_size 3 is not in the bundle"):
         choose_plan(m, ceiling_mb=0, daemon_bytes=0, child_base_bytes=0, batch_size=3)
 
@@ -99,6 +106,24 @@ def test_training_lowers_the_loss_and_checkpoints(tmp_path: Path, imu_bundle: Pa
     assert [s for s, _ in checkpoint.listing(tmp_path / "ck" / imu_manifest.sha256[:16])] == [30, 20, 10]
 
 
+def test_windows_deleted_during_a_run_are_replaced_not_fatal(tmp_path: Path, imu_bundle: Path,
+                                                            imu_manifest: Manifest) -> None:
+    from device_app.dataset import BatchReader
+
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 8)
+    train = store.split_index("train", imu_manifest.labels)
+    gone = [int(i) for i in train.ids[:3]]
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:  # what retention does while the daemon collects
+        db.execute(f"DELETE FROM samples WHERE id IN ({','.join(map(str, gone))})")
+    reader = BatchReader(Bundle(imu_bundle, 1), store, from_features=True, micro_batch=1, cache=True)
+    loss, _ = reader.train_step(train.ids[:8], train.y[:8], "streamed")
+    assert np.isfinite(loss) and reader.vanished == 3
+    assert reader.evaluate(train, 8)["n"] == len(train) - 3
+    with pytest.raises(LookupError, match="is stored any more"):
+        reader.train_step(np.array(gone * 3)[:8], train.y[:8], "streamed")
+
+
 def test_non_finite_loss_restores_the_last_good_weights(tmp_path: Path, imu_bundle: Path,
                                                         imu_manifest: Manifest) -> None:
     store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
@@ -136,6 +161,25 @@ def test_validation_drop_rolls_the_run_back(tmp_path: Path, imu_bundle: Path, im
     assert bad["global_step"] == 60  # the run's checkpoints were discarded
     restored = checkpoint.latest(tmp_path / "ck" / imu_manifest.sha256[:16])
     assert restored is not None and restored.step == 60
+
+
+def test_train_step_casts_labels_and_names_a_wrong_window_shape(imu_bundle: Path, imu_manifest: Manifest) -> None:
+    from device_app.bundle import InputError
+
+    batch = imu_manifest.default_batch_size
+    x = class_signal(0, 32 * batch, 3, np.random.default_rng(0)).reshape(batch, 32, 3)
+    y = np.arange(batch) % 3
+    as_int32 = Bundle(imu_bundle, 1).train_step(x, y.astype(np.int32))
+    assert Bundle(imu_bundle, 1).train_step(x, y.astype(np.int64)) == as_int32  # int64 labels cast, same step
+    assert Bundle(imu_bundle, 1).train_step(x, y.astype(np.float64)) == as_int32  # whole-number floats too
+    bundle = Bundle(imu_bundle, 1)
+    with pytest.raises(InputError, match=r"windows of shape \[32\] \(batch \[8, 32\]\), the bundle's input shape "
+                                         r"is \[32, 3\]"):
+        bundle.train_step(x[..., 0], y)  # the channel axis is missing
+    with pytest.raises(InputError, match="labels must be class indices"):
+        bundle.train_step(x, y + 0.5)
+    with pytest.raises(InputError, match=r"\[32, 3\]"):
+        bundle.evaluate(x[:, :16], y)
 
 
 def test_local_train_cli_shows_progress(tmp_path: Path, imu_bundle: Path, imu_manifest: Manifest,

@@ -1,6 +1,7 @@
 """Parent side of a child run: spawn it, relay its messages, watch its RSS against the ceiling, stop it.
 
-:class:`ChildRun` is used by the daemon (one at a time, from a worker thread) and by ``hosvd-device train``.
+:class:`ChildRun` runs one job and blocks until it ends; :class:`~device_app.jobs.runner.JobRunner` runs it from
+a worker thread, one at a time.
 The RSS watcher samples the child every ``poll_s``; a child above its limit is killed and the run fails with
 a message giving both numbers, before the kernel's OOM killer would have to act.
 """
@@ -16,8 +17,8 @@ from typing import Any
 
 import psutil
 
-from device_app.jobs import Job
-from device_app.worker import child_main
+from device_app.jobs.child import child_main
+from device_app.jobs.spec import Job
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -50,12 +51,14 @@ class ChildRun:
                                    name=f"hosvd-{job.kind}", daemon=True)
         self._send = send
         self.peak_rss = 0
+        self.last_progress: dict[str, Any] | None = None
 
     def request_stop(self) -> None:
         """Ask the child to stop after its current step (it still checkpoints and reports)."""
         self.stop_event.set()
 
     def kill(self) -> None:
+        """SIGKILL the child if it still runs."""
         if self.process.is_alive():
             self.process.kill()
 
@@ -97,6 +100,8 @@ class ChildRun:
                         return data
                     if message["event"] == "error":
                         raise ChildError(message["error"])
+                    if message["event"] == "progress":
+                        self.last_progress = message
                     self.on_event(message)
                 elif not self.process.is_alive() and not self.recv.poll(0):
                     break

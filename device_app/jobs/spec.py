@@ -1,6 +1,5 @@
-"""What a child process is asked to do: a picklable job description shared by the daemon, the CLI and the
-child.
-"""
+"""What a child process is asked to do: a picklable job description (the daemon and the CLI build theirs from the
+config with :func:`device_app.jobs.start.make_job`)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ class Job:
 
     ``probe`` loads the bundle and reports the RSS of a loaded-but-idle process and the newest checkpoint;
     ``train`` runs ``steps`` optimizer steps with ``plan``; ``evaluate`` evaluates the newest checkpoint on
-    ``split``.
+    ``split``, ``eval_batch`` windows at a time. ``expected_sha256``, when set, is the model hash the parent
+    planned for: a child that finds another model in ``bundle_dir`` fails instead of training it.
     """
 
     kind: JobKind
@@ -36,4 +36,6 @@ class Job:
     feature_cache: bool = True
     seed: int = 0
     split: str = "val"
+    eval_batch: int = 0
+    expected_sha256: str | None = None
     transaction: Any = None
