@@ -43,15 +43,18 @@ ARM64 := tools/arm64/rootfs.sh
 ARM64_FIXTURES := .cache/arm64-fixtures
 export ARM64_CACHE ?= $(abspath .cache/arm64)
 ARM64_ENV := HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) HOSVD_ARM64_FIXTURES=$(abspath $(ARM64_FIXTURES))
+# Not run under emulation: RSS there includes qemu's own memory (its translation cache), so the plan's measured
+# peaks (from x86) cannot bound it; memory on aarch64 needs a real Pi (README, "What was tested where").
+ARM64_DESELECT := --deselect tests/device/test_store_scale.py::test_peak_rss_does_not_depend_on_how_many_windows_are_stored
 
 test-arm64: venv legacy-venv
 	$(PY) -m tests.build_bundles $(BUNDLES)
 	$(PY) -m tests.arm64.fixtures $(ARM64_FIXTURES)
 	$(ARM64) ensure
 	$(ARM64_ENV) HOSVD_EXPECT_RUNTIME=ai-edge-litert \
-		$(ARM64) run device python -m pytest -q -m "not needs_tf" tests/device tests/runtime tests/arm64
+		$(ARM64) run device python -m pytest -q -m "not needs_tf" $(ARM64_DESELECT) tests/device tests/runtime tests/arm64
 	$(ARM64_ENV) HOSVD_EXPECT_RUNTIME=tflite-runtime \
-		$(ARM64) run legacy python -m pytest -q -m "not needs_tf" tests/device tests/runtime tests/arm64
+		$(ARM64) run legacy python -m pytest -q -m "not needs_tf" $(ARM64_DESELECT) tests/device tests/runtime tests/arm64
 	$(ARM64_ENV) $(PY) -m pytest -q -rP tests/arm64
 
 demo: venv

@@ -100,7 +100,8 @@ def test_a_second_daemon_on_the_same_state_dir_exits_naming_the_first(broker, cl
     second = subprocess.run([sys.executable, "-m", "device_app", "run", "--config", str(dev.config)], cwd=REPO,
                             capture_output=True, text=True, timeout=30)
     elapsed = time.monotonic() - started
-    assert second.returncode != 0 and elapsed < 2.0, (second.returncode, elapsed, second.stderr)
+    # at once, not after waiting on the lock: 15 s leaves room for Python's start-up on emulated aarch64 (≈ 3 s)
+    assert second.returncode != 0 and elapsed < 15.0, (second.returncode, elapsed, second.stderr)
     assert f"is in use by PID {dev.proc.pid} (hosvd-device run)" in second.stderr
     assert str(dev.state_dir) in second.stderr
     # a local training run would write the same checkpoints: refused the same way
