@@ -103,8 +103,8 @@ def op_macs(model: schema.ModelT, sub: schema.SubGraphT, op: schema.OperatorT) -
     if name == "FULLY_CONNECTED":
         return out * _shape(sub, op.inputs[1])[-1]
     if name == "BATCH_MATMUL":
-        lhs = _shape(sub, op.inputs[0])
-        return out * (lhs[-2] if op.builtinOptions.adjX else lhs[-1])
+        rhs = _shape(sub, op.inputs[1])  # static even where a loop body's lhs is not
+        return out * (rhs[-1] if op.builtinOptions.adjY else rhs[-2])
     if name == "CONV_2D":
         return out * math.prod(_shape(sub, op.inputs[1])[1:])
     if name == "DEPTHWISE_CONV_2D":
