@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -193,6 +195,9 @@ def measure_model(repeats: int, methods: tuple[str, ...]) -> list[dict]:
             convert(model, path, train_last=5, compression=method, epsilon=0.8, batch_sizes=(BATCH,),
                     calibration_data=calibration, measure_memory=False)
             content = (path / "model.tflite").read_bytes()
+            peak = json.loads(subprocess.run(  # a fresh device process, as the converter's planner measures it
+                [sys.executable, "-m", "device_app.measure", str(path), "--batch-size", str(BATCH), "--mode",
+                 "streamed", "--steps", "2"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             bundle = Bundle(path, THREADS)
             feats = bundle.features(x, 1)
             train_ms = median_ms(lambda b=bundle, f=feats: b.train_step(f, y, from_features=True), repeats)
@@ -202,6 +207,7 @@ def measure_model(repeats: int, methods: tuple[str, ...]) -> list[dict]:
             macs = xnnpack.signature_macs(content, "train_features")
             out.append({"method": method, "train_features_ms": train_ms, "features_ms": features_ms,
                         "streamed_step_ms": features_ms + train_ms, "infer_b32_ms": infer_ms,
+                        "peak_rss_mib": peak["peak_rss_bytes"] / 2**20,
                         "macs": sum(macs.values()), "macs_by_op": dict(macs),
                         "builtin": builtin_summary(content, "train_features")})
             del bundle, infer
@@ -223,13 +229,13 @@ def render(layers: list[dict], steps: list[dict]) -> str:
         lines += ["", f"Whole step, MobileNetV2 224² train_last=5 batch {BATCH}; constant-weight Conv_1 matmul "
                   f"{conv1:.1f} GMAC/s in this run.", "",
                   "| method | MMAC | train_features ms | GMAC/s | ratio to Conv_1 constant | streamed step ms | "
-                  "infer b32 ms | step / infer | built-in compute ops (MMAC) |", "|---" * 9 + "|"]
+                  "infer b32 ms | step / infer | streamed peak MiB | built-in compute ops (MMAC) |", "|---" * 10 + "|"]
         for s in steps:
             rate = _rate(s["macs"], s["train_features_ms"])
             builtin = {k: round(v / 1e6, 1) for k, v in s["builtin"].items() if not k.endswith("#")}
             lines.append(f"| {s['method']} | {s['macs'] / 1e6:.0f} | {s['train_features_ms']:.1f} | {rate:.1f} | "
                          f"{rate / conv1:.2f} | {s['streamed_step_ms']:.1f} | {s['infer_b32_ms']:.1f} | "
-                         f"{s['streamed_step_ms'] / s['infer_b32_ms']:.2f} | {builtin} |")
+                         f"{s['streamed_step_ms'] / s['infer_b32_ms']:.2f} | {s['peak_rss_mib']:.1f} | {builtin} |")
     return "\n".join(lines)
 
 
