@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,7 @@ def layer_model(case: LayerCase) -> bytes:
     from converter.layers.base import INFERENCE, ForwardContext
 
     node = _node(case)
+    frozen = replace(node, trainable=False)  # constant weights: the layer as inference runs it
     module = module_for(node.kind)
     holder = tf.Module()
     holder.params = {role: tf.Variable(value) for role, value in node.weights.items()}
@@ -122,7 +123,7 @@ def layer_model(case: LayerCase) -> bytes:
     fns = {
         "forward": tf.function(lambda x: {"y": probe(module.forward(node, holder.params, [x], INFERENCE)[0])},
                                input_signature=[x_spec]),
-        "reference": tf.function(lambda x: {"y": probe(module.forward(node, frozen_params(node), [x], INFERENCE)[0])},
+        "reference": tf.function(lambda x: {"y": probe(module.forward(frozen, frozen_params(node), [x], INFERENCE)[0])},
                                  input_signature=[x_spec]),
         "weights": tf.function(lambda x, dy: train(x, dy, False), input_signature=[x_spec, dy_spec]),
         "step": tf.function(lambda x, dy: train(x, dy, True), input_signature=[x_spec, dy_spec]),

@@ -3,7 +3,8 @@
 Kernel (KH, KW, C, M); output channel ``c·M + m`` sees only input channel ``c``. With a channel factor U_C
 (K_C columns) the tap gradient is ``Σ_k U_C[c, k] (Zᵀ dY)[k, c·M+m]`` — a (K_C, C·M) matmul masked by U_C —
 so the channel-mixing of the Tucker form never rebuilds the activation and depthwise layers do get a gradient
-(unlike the reference code's grouped branch).
+(unlike the reference code's grouped branch). XNNPACK does not take DEPTHWISE_CONV_2D with a variable kernel, so a
+trainable layer's forward and input gradient are a multiply-add per tap (:func:`converter.ops.depthwise_taps`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ def parse(layer, node: Node) -> None:
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     cfg = node.config
     xp = ops.pad_hw(xs[0], cfg["pads"])
-    y = tf.nn.depthwise_conv2d(xp, params["depthwise_kernel"], strides=[1, *cfg["strides"], 1],
-                               padding="VALID", dilations=cfg["dilation"])
+    if node.trainable:
+        y = ops.depthwise_taps(xp, params["depthwise_kernel"], cfg["strides"], cfg["dilation"])
+    else:
+        y = tf.nn.depthwise_conv2d(xp, params["depthwise_kernel"], strides=[1, *cfg["strides"], 1],
+                                   padding="VALID", dilations=cfg["dilation"])
     if "bias" in params:
         y = y + params["bias"]
     return y, ctx.save_input(node, xs[0])
@@ -47,7 +51,7 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict, kernel_shape) -> tf.T
             return tf.expand_dims(tf.reduce_sum(window * dy_b, axis=0), 1)
         if u_c is None:
             return tf.reduce_sum(tf.expand_dims(window, 2) * tf.reshape(dy_b, [-1, c, m]), axis=0)
-        g = tf.reshape(tf.matmul(window, dy_b, transpose_a=True), [u_c.shape[1], c, m])
+        g = tf.reshape(ops.matmul(window, dy_b, transpose_a=True), [u_c.shape[1], c, m])
         return tf.reduce_sum(g * tf.expand_dims(tf.transpose(u_c), 2), axis=0)
 
     return conv2d.weight_grad_taps(saved, dy, cfg, tap_grad, (c, m))
@@ -59,7 +63,7 @@ def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
     flipped = tf.reshape(tf.reverse(kernel, [0, 1]), [kh, kw, c * m, 1])
 
     def correlate(t: tf.Tensor) -> tf.Tensor:
-        out = tf.nn.depthwise_conv2d(t, flipped, strides=[1, 1, 1, 1], padding="VALID", dilations=cfg["dilation"])
+        out = ops.depthwise_taps(t, flipped, (1, 1), cfg["dilation"])
         if m == 1:
             return out
         return tf.reduce_sum(tf.reshape(out, [*out.shape[:3], c, m]), axis=-1)
