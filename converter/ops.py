@@ -8,8 +8,10 @@ Trained weights are variables, and XNNPACK (ai-edge-litert's default delegate) r
 TRANSPOSE_CONV and FULLY_CONNECTED only with *constant* weights: with a variable operand they fall back to the
 built-in kernels (single-threaded here, 2.5–4× slower than XNNPACK's constant-weight rate; ``python -m
 bench.layers``). BATCH_MATMUL, MUL, ADD, PAD, SUM and stride-1 slices it runs with dynamic operands. So the
-computations on trained weights go through :func:`matmul` (always BATCH_MATMUL), :func:`conv_as_matmul`
-(im2col + one matmul) and :func:`depthwise_taps` (a multiply-add per kernel tap).
+computations on trained weights go through :func:`matmul` (always BATCH_MATMUL) and :func:`im2col_matmul`
+(im2col + one matmul). A depthwise convolution as a multiply-add per tap on XNNPACK was 5× slower than the
+built-in DEPTHWISE_CONV_2D with a variable filter (memory-bound: 17 full-size elementwise ops, and the converter
+re-associates their sum so six products are alive at once), so depthwise layers keep that op.
 """
 
 from __future__ import annotations
@@ -67,39 +69,23 @@ def im2col(xp: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int],
     return windows[0] if len(windows) == 1 else tf.concat(windows, axis=-1)
 
 
+def im2col_matmul(xp: tf.Tensor, weights: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int],
+                  dilation: tuple[int, int], transpose_weights: bool = False) -> tf.Tensor:
+    """VALID convolution of padded ``xp`` as im2col + one BATCH_MATMUL, (B, H', W', N).
+
+    ``weights`` is (KH·KW·C, N), tap-major like :func:`im2col`, or (N, KH·KW·C) with ``transpose_weights``. The
+    im2col tensor is as large as the scratch the built-in CONV_2D allocates for a variable filter.
+    """
+    cols = im2col(xp, kernel_hw, strides, dilation)
+    y = matmul(flatten_rows(cols), weights, transpose_b=transpose_weights)
+    return tf.reshape(y, [-1, *cols.shape[1:3], y.shape[-1]])  # the batch may be dynamic (infer, features)
+
+
 def conv_as_matmul(xp: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int],
                    dilation: tuple[int, int]) -> tf.Tensor:
-    """VALID convolution of padded ``xp`` with ``kernel`` (KH, KW, C_in, C_out) as im2col + one BATCH_MATMUL.
-
-    The im2col tensor is as large as the scratch the built-in CONV_2D allocates for a variable filter.
-    """
+    """VALID convolution of padded ``xp`` with ``kernel`` (KH, KW, C_in, C_out) via :func:`im2col_matmul`."""
     kh, kw, c_in, c_out = kernel.shape
-    cols = im2col(xp, (kh, kw), strides, dilation)
-    y = matmul(flatten_rows(cols), tf.reshape(kernel, [kh * kw * c_in, c_out]))
-    return tf.reshape(y, [-1, *cols.shape[1:3], c_out])  # the batch may be dynamic (infer, features)
-
-
-def depthwise_taps(xp: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int],
-                   dilation: tuple[int, int]) -> tf.Tensor:
-    """VALID depthwise convolution of padded ``xp`` with ``kernel`` (KH, KW, C, M): one MUL + ADD per tap.
-
-    Output channel ``c·M + m`` as DEPTHWISE_CONV_2D. The running sum is one chain, so only the sum, one window
-    and one product are alive at a time.
-    """
-    kh, kw, c, m = kernel.shape
-    out_hw = tuple(out_size(xp.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], (0, 0)) for a in range(2))
-    taps = tf.reshape(kernel, [kh * kw, c * m])
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            window = shifted_window(xp, i, j, out_hw, strides, dilation)
-            tap = taps[i * kw + j]
-            if m == 1:
-                term = window * tap
-            else:
-                term = tf.reshape(tf.expand_dims(window, -1) * tf.reshape(tap, [c, m]), [-1, *window.shape[1:3], c * m])
-            acc = term if acc is None else acc + term
-    return acc
+    return im2col_matmul(xp, tf.reshape(kernel, [kh * kw * c_in, c_out]), (kh, kw), strides, dilation)
 
 
 def zero_insert(dy: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:

@@ -110,13 +110,18 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
 
 
 def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
-    """dL/dx (B, H, W, C_in): the spread ``dy`` correlated with the flipped, transposed kernel (im2col + matmul)."""
+    """dL/dx (B, H, W, C_in): the spread ``dy`` correlated with the flipped kernel (im2col + matmul).
+
+    The flipped kernel goes in as (C_in, KH·KW·C_out) with a transposed matmul: a (KH·KW·C_out, C_in) transpose
+    feeding a plain matmul is folded by the TFLite converter into a FULLY_CONNECTED, which XNNPACK refuses for a
+    variable weight.
+    """
     kh, kw = cfg["kernel_hw"]
     flipped = tf.reverse(kernel, [0, 1]) if kh * kw > 1 else kernel
-    flipped = tf.transpose(flipped, [0, 1, 3, 2])
+    rows = tf.reshape(tf.transpose(flipped, [2, 0, 1, 3]), [kernel.shape[2], -1])
     return ops.input_grad_via_correlation(
         dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
-        lambda t: ops.conv_as_matmul(t, flipped, (1, 1), cfg["dilation"]))
+        lambda t: ops.im2col_matmul(t, rows, (kh, kw), (1, 1), cfg["dilation"], transpose_weights=True))
 
 
 def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: bool):

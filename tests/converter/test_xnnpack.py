@@ -1,0 +1,109 @@
+"""Which kernels run the training step: every trainable-layer matmul and convolution that XNNPACK can run with a
+variable weight must reach it (``bench.xnnpack`` reads the interpreter's delegated node list), the gradients of the
+lowered ops still match ``tf.GradientTape``, and the op census counts MACs from the shapes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+from bench import xnnpack
+from bench.layers import LayerCase, layer_model
+from converter.convert import convert
+from hosvd_contract import MODEL_FILE
+from tests.converter.models import weighted_count
+from tests.converter.test_gradients import reference_gradients, tflite_step
+
+BATCH = 4
+# No XNNPACK path for these with a variable weight, except DEPTHWISE_CONV_2D, which stays on the built-in kernel
+# by choice (faster than XNNPACK multiply-adds; converter/ops.py): none of them may run a trainable layer on
+# the built-in kernels.
+REFUSED = ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
+
+
+def mobilenet_like() -> keras.Model:
+    """The layer types of MobileNetV2's trainable tail (1×1 expand/project, 3×3 depthwise with multiplier 1,
+    frozen BN, ReLU6, Dense head) plus a 3×3 conv, strided 1×1 and depthwise layers."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((10, 10, 3))
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv3x3")(inp)
+    h = layers.ReLU(6.0, name="relu6_a")(layers.BatchNormalization(name="bn_a")(h))
+    h = layers.Conv2D(16, 1, use_bias=False, name="expand")(h)
+    h = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise")(h)
+    h = layers.ReLU(6.0, name="relu6_b")(h)
+    h = layers.Conv2D(8, 1, strides=2, name="project_s2")(h)  # 10 -> 5
+    h = layers.DepthwiseConv2D(3, strides=2, name="depthwise_s2")(h)  # 5 -> 2
+    h = layers.Conv2D(12, 1, use_bias=False, name="conv_1")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(4, activation="softmax", name="head")(h)
+    return keras.Model(inp, out, name="mobilenet_like")
+
+
+@pytest.fixture(scope="module", params=["none", "hosvd"])
+def bundle(request, tmp_path_factory):
+    model = mobilenet_like()
+    out = tmp_path_factory.mktemp(request.param)
+    convert(model, out, train_last=weighted_count(model), compression=request.param, epsilon=1.0, max_rank=32,
+            subspace_iters=2, batch_sizes=(BATCH,), learning_rate=1.0, measure_memory=False)
+    return request.param, model, out
+
+
+def test_no_trainable_matmul_or_conv_falls_back_to_builtin_kernels(bundle):
+    method, _, path = bundle
+    content = (path / MODEL_FILE).read_bytes()
+    for signature in ("train", "train_features", "infer"):
+        found = xnnpack.placements(content, signature)
+        assert not xnnpack.builtin_ops(found, REFUSED), (method, signature, xnnpack.builtin_ops(found, REFUSED))
+        matmuls = [p for p in found if p.op == "BATCH_MATMUL"]
+        assert matmuls and all(p.delegated for p in matmuls), (method, signature)
+    on_builtin = {p.op for p in xnnpack.placements(content, "train_features") if not p.delegated and p.macs}
+    assert on_builtin <= {"DEPTHWISE_CONV_2D"}, on_builtin
+
+
+def test_lowered_step_matches_gradient_tape(bundle):
+    method, model, path = bundle
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((BATCH, 10, 10, 3)).astype(np.float32)
+    y = rng.integers(0, 4, BATCH).astype(np.int32)
+    before, after, _ = tflite_step(path, x, y)
+    reference = reference_gradients(model, x, y)
+    checked = 0
+    for (layer, role), ref in reference.items():
+        if layer.startswith("bn"):
+            continue
+        name = f"{layer}__{'depthwise_kernel' if 'depthwise' in layer and role == 'kernel' else role}"
+        step = before[name] - after[name]  # learning rate 1
+        rel = np.linalg.norm(step - ref) / np.linalg.norm(ref)
+        assert rel <= (1e-4 if method == "none" else 1e-3), f"{name}: relative error {rel:.2e}"
+        checked += 1
+    assert checked == 10
+
+
+def test_census_counts_macs_and_sees_variable_convolutions_on_builtin_kernels():
+    case = LayerCase("c", "Conv2D", {"filters": 8, "kernel_size": 3, "padding": "same", "use_bias": False},
+                     (6, 6, 4), batch=2)
+    content = layer_model(case)
+    forward_macs = 2 * 6 * 6 * 9 * 4 * 8
+    assert sum(xnnpack.signature_macs(content, "forward").values()) == forward_macs
+    assert sum(xnnpack.signature_macs(content, "reference").values()) == forward_macs
+    # the weight gradient's 9 taps run in a WHILE loop: its body's matmuls count 9 times
+    wgrad = sum(xnnpack.signature_macs(content, "weights").values()) - forward_macs
+    assert forward_macs <= wgrad <= forward_macs * 1.1
+    reference = xnnpack.placements(content, "reference")
+    assert [p.delegated for p in reference if p.op == "CONV_2D"] == [True]  # constant filter: XNNPACK
+
+    holder = tf.Module()
+    holder.k = tf.Variable(np.ones((3, 3, 4, 8), np.float32))
+
+    def variable_conv(x):
+        with tf.control_dependencies([holder.k.assign_add(tf.zeros_like(holder.k))]):
+            return {"y": tf.nn.conv2d(x, holder.k, 1, "SAME")}
+
+    fn = tf.function(variable_conv, input_signature=[tf.TensorSpec([2, 6, 6, 4], tf.float32, name="x")])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], holder)
+    converter.experimental_enable_resource_variables = True
+    found = xnnpack.placements(converter.convert(), "serving_default")
+    assert [p.delegated for p in found if p.op == "CONV_2D"] == [False]  # variable filter: built-in kernel
