@@ -9,12 +9,14 @@ matmul), timed in the same process, so ``ratio`` = achieved GMAC/s ÷ the consta
 
 Then the whole ``train_features`` step of MobileNetV2 224², last 4 convs + head (``train_last=5``), batch 32,
 ``none`` and ``hosvd`` ε 0.8 (calibrated), against the constant-weight 1×1 matmul of its largest layer (Conv_1),
-and the streamed step (32 ``features`` invokes + ``train_features``) against batch-32 inference (``infer``).
+and the streamed step (32 ``features`` invokes + ``train_features``) against batch-32 inference (``infer``), with
+the streamed peak RSS of a fresh ``python -m device_app.measure`` process.
 
 MACs come from the converted graphs' op census (:mod:`bench.xnnpack`: matmuls and convolutions from their
 shapes, WHILE bodies times their trip count, an elementwise MUL as one per element); the ops left on built-in
-kernels are listed from the interpreter's delegated node list. Times are medians of ``--repeats`` invokes, 2
-threads. Ratios are the meaningful figures on a shared machine: every time is measured in this one process.
+kernels are listed from the interpreter's delegated node list. Times are medians of ``--repeats`` rounds that
+call each compared function once (2 threads), so both sides of a ratio see the same load: on a shared machine
+the ratios are the figures to read, the milliseconds only context.
 """
 
 from __future__ import annotations
@@ -67,15 +69,19 @@ CASES = (
 CONV_1 = 3  # the index of the layer the whole step is compared with
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each function, timed in interleaved rounds (one call of each per round), so a
+    load change on a shared machine hits every figure of a ratio alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _node(case: LayerCase):
@@ -159,12 +165,11 @@ def measure_layer(case: LayerCase, repeats: int) -> dict:
     node_out = _node(case).out_shape
     x = rng.standard_normal((case.batch, *case.in_shape), dtype=np.float32)
     dy = rng.standard_normal((case.batch, *node_out), dtype=np.float32)
-    ms, macs = {}, {}
-    for key in ("reference", "forward", "weights", "step"):
-        runner = interpreter.get_signature_runner(key)
-        inputs = {"x": x} if key in ("reference", "forward") else {"x": x, "dy": dy}
-        ms[key] = median_ms(lambda r=runner, i=inputs: r(**i), repeats)
-        macs[key] = sum(xnnpack.signature_macs(model, key).values())
+    keys = ("reference", "forward", "weights", "step")
+    runners = {key: interpreter.get_signature_runner(key) for key in keys}
+    ms = median_ms({key: (lambda r=runners[key], i=({"x": x} if key in ("reference", "forward") else
+                                                    {"x": x, "dy": dy}): r(**i)) for key in keys}, repeats)
+    macs = {key: sum(xnnpack.signature_macs(model, key).values()) for key in keys}
     parts = {"forward": (ms["forward"], macs["forward"]),
              "weight_grad": (ms["weights"] - ms["forward"], macs["weights"] - macs["forward"]),
              "input_grad": (ms["step"] - ms["weights"], macs["step"] - macs["weights"]),
@@ -181,10 +186,17 @@ def measure_layer(case: LayerCase, repeats: int) -> dict:
 
 def measure_model(repeats: int, methods: tuple[str, ...]) -> list[dict]:
     """The whole step of MobileNetV2 224², last 4 convs + head, batch 32, per method."""
+    from ai_edge_litert.interpreter import Interpreter
+
     from bench.archs import build_calibrated
     from converter.convert import convert
     from device_app.bundle import Bundle
 
+    conv1 = CASES[CONV_1]  # the constant-weight matmul of Conv_1's shape, timed alongside every step
+    conv1_model = layer_model(conv1)
+    reference = Interpreter(model_content=conv1_model, num_threads=THREADS).get_signature_runner("reference")
+    conv1_x = np.random.default_rng(1).standard_normal((conv1.batch, *conv1.in_shape), dtype=np.float32)
+    conv1_macs = sum(xnnpack.signature_macs(conv1_model, "reference").values())
     model, calibration = build_calibrated("mobilenetv2", 224, seed=0)
     rng = np.random.default_rng(0)
     x = rng.random((BATCH, 224, 224, 3), dtype=np.float32)
@@ -201,14 +213,16 @@ def measure_model(repeats: int, methods: tuple[str, ...]) -> list[dict]:
                  "streamed", "--steps", "2"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             bundle = Bundle(path, THREADS)
             feats = bundle.features(x, 1)
-            train_ms = median_ms(lambda b=bundle, f=feats: b.train_step(f, y, from_features=True), repeats)
-            features_ms = median_ms(lambda b=bundle: b.features(x, 1), max(1, repeats // 3), warmup=1)
             infer = bundle.runner("infer")
-            infer_ms = median_ms(lambda r=infer: r(x=x), max(1, repeats // 3), warmup=1)
+            ms = median_ms({"train": lambda b=bundle, f=feats: b.train_step(f, y, from_features=True),
+                            "reference": lambda: reference(x=conv1_x), "features": lambda b=bundle: b.features(x, 1),
+                            "infer": lambda r=infer: r(x=x)}, repeats, warmup=1)
+            train_ms, features_ms, infer_ms = ms["train"], ms["features"], ms["infer"]
             macs = xnnpack.signature_macs(content, "train_features")
             out.append({"method": method, "train_features_ms": train_ms, "features_ms": features_ms,
                         "streamed_step_ms": features_ms + train_ms, "infer_b32_ms": infer_ms,
                         "peak_rss_mib": peak["peak_rss_bytes"] / 2**20,
+                        "reference_gmacs": _rate(conv1_macs, ms["reference"]),
                         "macs": sum(macs.values()), "macs_by_op": dict(macs),
                         "builtin": builtin_summary(content, "train_features")})
             del bundle, infer
@@ -226,16 +240,16 @@ def render(layers: list[dict], steps: list[dict]) -> str:
         if r["builtin"]:
             lines.append(f"| {r['layer']} | on built-in kernels | {r['builtin']} | | | |")
     if steps:
-        conv1 = next(r for r in layers if r["layer"] == CASES[CONV_1].name)["reference_gmacs"]
-        lines += ["", f"Whole step, MobileNetV2 224² train_last=5 batch {BATCH}; constant-weight Conv_1 matmul "
-                  f"{conv1:.1f} GMAC/s in this run.", "",
-                  "| method | MMAC | train_features ms | GMAC/s | ratio to Conv_1 constant | streamed step ms | "
-                  "infer b32 ms | step / infer | streamed peak MiB | built-in compute ops (MMAC) |", "|---" * 10 + "|"]
+        lines += ["", f"Whole step, MobileNetV2 224² train_last=5 batch {BATCH}, against the constant-weight matmul of "
+                  "Conv_1's shape timed in the same rounds.", "",
+                  "| method | MMAC | train_features ms | GMAC/s | Conv_1 constant GMAC/s | ratio | streamed step ms | "
+                  "infer b32 ms | step / infer | streamed peak MiB | built-in compute ops (MMAC) |", "|---" * 11 + "|"]
         for s in steps:
             rate = _rate(s["macs"], s["train_features_ms"])
             builtin = {k: round(v / 1e6, 1) for k, v in s["builtin"].items() if not k.endswith("#")}
             lines.append(f"| {s['method']} | {s['macs'] / 1e6:.0f} | {s['train_features_ms']:.1f} | {rate:.1f} | "
-                         f"{rate / conv1:.2f} | {s['streamed_step_ms']:.1f} | {s['infer_b32_ms']:.1f} | "
+                         f"{s['reference_gmacs']:.1f} | {rate / s['reference_gmacs']:.2f} | "
+                         f"{s['streamed_step_ms']:.1f} | {s['infer_b32_ms']:.1f} | "
                          f"{s['streamed_step_ms'] / s['infer_b32_ms']:.2f} | {s['peak_rss_mib']:.1f} | {builtin} |")
     return "\n".join(lines)
 
@@ -248,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.only or any(o in c.name for o in args.only)]
-    if args.methods and CASES[CONV_1] not in cases:
-        cases.append(CASES[CONV_1])
     layers = [measure_layer(case, args.repeats) for case in cases]
     steps = measure_model(args.repeats, tuple(m for m in args.methods.split(",") if m)) if args.methods else []
     print(render(layers, steps))
