@@ -82,12 +82,32 @@ def _swap(model: schema.ModelT, index: int) -> None:
         sig.subgraphIndex = swap.get(sig.subgraphIndex, sig.subgraphIndex)
 
 
+def _reachable(model: schema.ModelT, index: int) -> set[int]:
+    """Subgraph ``index`` and every subgraph its ops run, the CALL_ONCE initialiser included."""
+    found = {index, *called_subgraphs(model, index)}
+    for sub in list(found):
+        for op in model.subgraphs[sub].operators or []:
+            if op_name(model, op) == "CALL_ONCE":
+                found |= _reachable(model, op.builtinOptions.initSubgraphIndex)
+    return found
+
+
 def with_primary(model: schema.ModelT, index: int) -> bytes:
-    """The flatbuffer of ``model`` with its subgraph ``index`` as subgraph 0 (``model`` itself is unchanged)."""
+    """The flatbuffer of ``model`` with its subgraph ``index`` as subgraph 0 (``model`` itself is unchanged).
+
+    Subgraphs the new primary never runs are emptied, so loading the copy delegates only what matters (a hosvd
+    graph has ~100 loop bodies; delegating all of them for each one made the listing quadratic).
+    """
     _swap(model, index)
+    keep = _reachable(model, 0)
+    dropped = {i: model.subgraphs[i].operators for i in range(len(model.subgraphs)) if i not in keep}
     try:
+        for i in dropped:
+            model.subgraphs[i].operators = []
         return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     finally:
+        for i, ops in dropped.items():
+            model.subgraphs[i].operators = ops
         _swap(model, index)
 
 
