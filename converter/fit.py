@@ -9,10 +9,11 @@ candidate needs, as the device's planner (``device_app/plan.py``) counts it::
 
 where the device base is what the device holds besides that child's step (the daemon's RSS, the evaluation
 arena, the data buffers; the planner's refusal message prints it) and the margin covers what varies between
-runs. The peak grows with depth, so the search bisects: the shallowest and the deepest candidates first, then
-halves the interval between the deepest that fits and the shallowest that does not, about ``log2(depths)`` + 2
-conversions per method instead of one per depth. The chosen bundle is the deepest that fits; the search
-(every measured candidate) is recorded in its manifest's ``fit`` field (``docs/bundle.md``).
+runs. The peak grows with depth, so the search doubles the depth from 1 while it fits, then bisects between the
+deepest that fits and the shallowest that does not: at most ``1 + 2·log2(depths)`` conversions per method instead
+of one per depth, and never one much deeper than the answer (deep candidates are the slow ones). The chosen
+bundle is the deepest that fits; the search (every measured candidate) is recorded in its manifest's ``fit``
+field (``docs/bundle.md``).
 """
 
 from __future__ import annotations
@@ -177,24 +178,25 @@ class _Search:
         return self.measured[key]
 
     def deepest(self, method: str, max_depth: int) -> int:
-        """Bisection for the deepest fitting depth (0 when even depth 1 does not fit)."""
+        """The deepest fitting depth (0 when even depth 1 does not fit): doubling the depth from 1 while it fits,
+        then bisecting between the deepest that fits and the shallowest that does not. Deep candidates are
+        the slow ones to convert and measure, and this converts one deeper than needed at most twice as deep."""
         if not self.measure(method, 1).fits:
             return 0
-        if self.measure(method, max_depth).fits:
-            return max_depth
-        lo, hi = 1, max_depth  # lo fits, hi does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.measure(method, mid).fits:
-                lo = mid
+        lo, hi = 1, max_depth + 1  # lo fits, hi does not (max_depth + 1 is never measured)
+        while hi > lo + 1:
+            probe = min(2 * lo, max_depth) if hi == max_depth + 1 else (lo + hi) // 2
+            if self.measure(method, probe).fits:
+                lo = probe
             else:
-                hi = mid
+                hi = probe
         return lo
 
 
-def bisection_steps(max_depth: int) -> int:
-    """The most candidates one method's search measures."""
-    return min(max_depth, 2 + math.ceil(math.log2(max(max_depth - 1, 1))))
+def search_steps(max_depth: int) -> int:
+    """The most candidates one method's search measures: depth 1, the doublings, then the halvings."""
+    doublings = math.ceil(math.log2(max_depth)) if max_depth > 1 else 0
+    return min(max_depth, 1 + 2 * doublings)
 
 
 def fit(

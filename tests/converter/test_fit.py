@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from converter.fit import MIB, bisection_steps, fit
+from converter.fit import MIB, fit, search_steps
 from hosvd_contract import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def calibration() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def extremes(tmp_path_factory: pytest.TempPathFactory):
-    """An unbounded ceiling: the search measures the shallowest and the deepest candidate and keeps the deepest."""
+    """An unbounded ceiling: the search doubles the depth up to the deepest candidate and keeps it."""
     out = tmp_path_factory.mktemp("fit") / "all"
     result = fit(pointwise_stack(), out, ram_ceiling_mb=1e6, batch_size=BATCH, calibration_data=calibration(),
                  method="none", device_base_mb=0, margin_mb=0)
@@ -52,15 +52,15 @@ def test_unbounded_ceiling_trains_every_layer(extremes) -> None:
     depth = POINTWISE + 2
     assert extremes.max_train_last == depth
     assert extremes.chosen.train_last == depth
-    assert sorted(c.train_last for c in extremes.candidates) == [1, depth]
-    shallow, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
+    assert sorted(c.train_last for c in extremes.candidates) == [1, 2, 4, depth]  # doubling, capped at the depth
+    shallow, *_, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
     # the deepest saves every pointwise input (8 MiB each) plus the stem's input; the shallowest only the head's
     assert deep.saved_bytes_allocated > POINTWISE * 8 * MIB > 100 * shallow.saved_bytes_allocated
     assert deep.peak_rss_bytes - shallow.peak_rss_bytes > POINTWISE * 8 * MIB
 
 
 def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(extremes, tmp_path: Path) -> None:
-    shallow, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
+    shallow, *_, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
     base_mb, margin_mb = 20.0, 8.0
     ceiling_mb = (shallow.peak_mib + deep.peak_mib) / 2 + base_mb + margin_mb
     result = fit(pointwise_stack(), tmp_path / "bundle", ram_ceiling_mb=ceiling_mb, batch_size=BATCH,
@@ -70,11 +70,12 @@ def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(ext
     assert 1 <= chosen.train_last < result.max_train_last
     assert chosen.need_bytes == chosen.peak_rss_bytes + int((base_mb + margin_mb) * MIB)
     assert chosen.need_bytes <= ceiling_mb * MIB, result.candidates
-    deeper = by_depth[chosen.train_last + 1]  # bisection ends with the next-deeper candidate measured
+    deeper = by_depth[chosen.train_last + 1]  # the search ends with the next-deeper candidate measured
     assert deeper.need_bytes > ceiling_mb * MIB, result.candidates
     assert [c.fits for c in result.candidates] == [c.need_bytes <= ceiling_mb * MIB for c in result.candidates]
-    # a bisection, not a sweep: depth 1, depth 7, then at most 3 halvings of the interval
-    assert len(result.candidates) <= bisection_steps(result.max_train_last) == 5 < result.max_train_last
+    # a search, not a sweep: 1, 2, 4, 7 (too big: the ceiling is below its peak), then halvings of 4..7
+    assert len(result.candidates) <= search_steps(result.max_train_last)
+    assert len(result.candidates) < result.max_train_last
 
     manifest = load_manifest(tmp_path / "bundle")
     assert manifest.train_last == chosen.train_last
