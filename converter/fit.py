@@ -146,6 +146,23 @@ def _lowest_entry(manifest: Manifest) -> Any:
     return min(measured, key=lambda e: e.measured_peak_rss_bytes)
 
 
+def measure_candidate(model: keras.Model, bundle_dir: Path, method: str, train_last: int, ceiling_bytes: int,
+                      extra_bytes: int, **convert_kwargs: Any) -> Candidate:
+    """Convert one candidate into ``bundle_dir``, measure it, and judge it against the ceiling.
+
+    Args:
+        extra_bytes: device base + margin, added to the measured peak.
+        convert_kwargs: :func:`converter.convert.convert` options (``batch_sizes``, ``calibration_data``, ...).
+    """
+    started = time.perf_counter()
+    manifest = convert(model, bundle_dir, train_last=train_last, compression=method, measure_memory=True,
+                       **convert_kwargs)
+    entry = _lowest_entry(manifest)
+    need = entry.measured_peak_rss_bytes + extra_bytes
+    return Candidate(method, train_last, entry.mode, entry.micro_batch, entry.measured_peak_rss_bytes, need,
+                     allocated_saved_bytes(model, manifest), need <= ceiling_bytes, time.perf_counter() - started)
+
+
 class _Search:
     """Converts and measures candidates of one model, caching each (method, depth) once."""
 
@@ -165,16 +182,9 @@ class _Search:
     def measure(self, method: str, depth: int) -> Candidate:
         key = (method, depth)
         if key not in self.measured:
-            started = time.perf_counter()
-            manifest = convert(self.model, self.bundle_dir(method, depth), train_last=depth, compression=method,
-                               measure_memory=True, **self.convert_kwargs)
-            entry = _lowest_entry(manifest)
-            need = entry.measured_peak_rss_bytes + self.extra
-            candidate = Candidate(method, depth, entry.mode, entry.micro_batch, entry.measured_peak_rss_bytes, need,
-                                  allocated_saved_bytes(self.model, manifest), need <= self.ceiling,
-                                  time.perf_counter() - started)
-            self.measured[key] = candidate
-            self.on_candidate(candidate)
+            self.measured[key] = measure_candidate(self.model, self.bundle_dir(method, depth), method, depth,
+                                                   self.ceiling, self.extra, **self.convert_kwargs)
+            self.on_candidate(self.measured[key])
         return self.measured[key]
 
     def deepest(self, method: str, max_depth: int) -> int:
@@ -211,6 +221,7 @@ def fit(
     margin_mb: float = DEFAULT_MARGIN_MB,
     device_base_mb: float = DEFAULT_DEVICE_BASE_MB,
     on_candidate: Callable[[Candidate], None] | None = None,
+    candidates_dir: str | os.PathLike | None = None,
     **convert_kwargs: Any,
 ) -> FitResult:
     """Write the deepest bundle whose measured need fits ``ram_ceiling_mb``.
@@ -227,6 +238,8 @@ def fit(
         margin_mb: safety margin added to every need (the device adds its ``safety_margin_mb`` too).
         device_base_mb: what the device holds besides the training child's step (daemon, evaluation, data).
         on_candidate: called with each candidate as soon as it is measured (progress, tables).
+        candidates_dir: keep the other candidates' bundles here (``<method>-<train_last>``); by default they are
+            converted next to ``out_dir`` and removed.
         convert_kwargs: further :func:`converter.convert.convert` options (optimizer, labels, loss, ...).
 
     Returns:
@@ -253,7 +266,7 @@ def fit(
         raise ConversionError("the model has no weighted layer the converter can train")
 
     out = Path(out_dir)
-    work_dir = out.parent / f".{out.name}.fit"
+    work_dir = Path(candidates_dir) if candidates_dir is not None else out.parent / f".{out.name}.fit"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     kwargs = dict(convert_kwargs, epsilon=epsilon, batch_sizes=[batch_size], calibration_data=calibration_data)
@@ -273,7 +286,8 @@ def fit(
         chosen = search.measured[(winner, best)]
         _install(search.bundle_dir(winner, best), out)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if candidates_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
     result = FitResult(chosen, list(search.measured.values()), deepest, depth_cap, float(ram_ceiling_mb),
                        float(device_base_mb), float(margin_mb), batch_size, time.perf_counter() - started,
                        load_manifest(out))
