@@ -151,12 +151,12 @@ def _fit(args: argparse.Namespace) -> int:
 
     from converter.calibration import load_calibration
     from converter.convert import load_model
-    from converter.fit import candidate_table, fit, max_train_last, search_steps
+    from converter.fit import AUTO_METHODS, candidate_table, fit, max_train_last, search_steps
 
     if len(args.batch_size) != 1:
         raise ValueError(f"fit takes one --batch-size, got {args.batch_size}")
     model = load_model(args.model)
-    methods = 3 if args.method == "auto" else 1
+    methods = len(AUTO_METHODS) if args.method == "auto" else 1
     bar = tqdm(total=methods * search_steps(max_train_last(model)), desc="fitting", unit="bundle",
                file=sys.stderr)
 
