@@ -76,6 +76,7 @@ class TrainOptions:
     learning_rate: float | None = None
     progress_every: int | None = None
     transaction: str | int | None = None
+    start_weights: str | None = None  # an .npz of trainable weights to start from (a fleet round's global model)
 
 
 class TrainingRun:
@@ -195,7 +196,8 @@ def start_training(
     job = make_job(cfg, "train", path, plan=plan, steps=options.steps or t.steps,
                    learning_rate=options.learning_rate if options.learning_rate is not None else t.learning_rate,
                    progress_every=options.progress_every or t.progress_every, transaction=options.transaction,
-                   eval_batch=plan.batch_size, expected_sha256=manifest.sha256)
+                   eval_batch=plan.batch_size, expected_sha256=manifest.sha256,
+                   start_weights=options.start_weights)
     run = TrainingRun(cfg, name, manifest, plan, job)
 
     def done(result: dict[str, Any] | None, error: str | None) -> None:

@@ -1,0 +1,143 @@
+"""The ClientApp a SuperNode runs for one device: a fleet round is a training job like an MQTT ``train``.
+
+Node config (``flower-supernode --node-config 'device-config="/etc/hosvd-edge/device.toml"'``): the device's
+config file, which names its state directory (store, checkpoints, bundles), bundle and ``[training]`` settings.
+
+On a ``train`` message the app takes the state directory's lock (so a round never runs beside the daemon, a
+``hosvd-device train`` or another round), writes the global trainable weights it received to
+``<state_dir>/fleet/global.npz``, and starts :func:`device_app.jobs.start_training` with them as the start: the
+same bundle check, planner inside ``ram_ceiling_mb``, child process under the RSS watcher, and checkpoints.
+It replies with the trained trainable weights only, the number of training windows and the run's metrics.
+On an ``evaluate`` message it evaluates the received weights on the device's validation windows in a child.
+A failure (no data, no plan under the ceiling, the state directory busy) becomes Flower's error reply, which the
+strategy counts as a failed node for that round.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from device_app import checkpoint
+from device_app.bundle import resolve_bundle
+from device_app.config import Config, load_config
+from device_app.jobs import TrainOptions, make_job, run_job, start_training
+from device_app.memory import rss_bytes
+from device_app.statelock import StateLock
+from fleet import weights
+from hosvd_contract import load_manifest
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+LOCK_PURPOSE = "hosvd-fleet round"
+ROUND_DIR = "fleet"
+
+
+def to_record(arrays: weights.Arrays) -> ArrayRecord:
+    """An ``ArrayRecord`` of named numpy arrays."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> weights.Arrays:
+    """Named numpy arrays out of an ``ArrayRecord``."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def node_config(context: Context) -> Config:
+    """The device's validated config from the node config's ``device-config`` path.
+
+    Raises:
+        ValueError: no ``device-config`` in the node config (the message says how to give one).
+    """
+    path = context.node_config.get("device-config")
+    if not path:
+        raise ValueError("this SuperNode has no node config 'device-config': start it with "
+                         "--node-config 'device-config=\"/etc/hosvd-edge/device.toml\"'")
+    return load_config(Path(str(path)))
+
+
+class Round:
+    """One message's work on one device: its config, bundle and the global weights it received."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        self.cfg = node_config(context)
+        self.config = msg.content.config_records.get("config", ConfigRecord())
+        self.bundle_path = resolve_bundle(self.cfg.bundles_dir, self.cfg.model.bundle)
+        self.manifest = load_manifest(self.bundle_path)
+        received = msg.content.array_records.get("arrays")
+        if received is None:
+            raise ValueError("the message carries no ArrayRecord 'arrays' (the global trainable weights)")
+        self.arrays = weights.check(self.manifest, from_record(received), "the global weights received")
+        self.start = weights.save_npz(self.cfg.state_dir / ROUND_DIR / "global.npz", self.arrays)
+
+    def option(self, key: str, cast: type, default: Any = None) -> Any:
+        value = self.config.get(key)
+        return default if value in (None, 0, "") else cast(value)
+
+    def identity(self, status: str) -> ConfigRecord:
+        return ConfigRecord({"device-id": self.cfg.device.id, "bundle-sha256": self.manifest.sha256,
+                             "status": status})
+
+    def train(self) -> RecordDict:
+        options = TrainOptions(steps=self.option("local-steps", int), learning_rate=self.option("learning-rate", float),
+                               batch_size=self.option("batch-size", int), start_weights=str(self.start),
+                               transaction=f"fleet-round-{self.config.get('server-round', 0)}")
+        report = start_training(self.cfg, options, bundle_name=self.cfg.model.bundle,
+                                expected_sha256=self.manifest.sha256).wait()
+        if report["status"] == "error":
+            raise RuntimeError(f"training on {self.cfg.device.id} failed: {report['error']}")
+        if report["status"] == "ok":
+            ckpt_dir = checkpoint.bundle_dir(self.cfg.checkpoints_dir, self.manifest.sha256)
+            trained = weights.trainable(self.manifest, checkpoint.read(ckpt_dir / report["checkpoint"]).weights)
+        else:  # stopped early or rolled back: this node adds nothing new, so it returns the global weights
+            log.warning("round ended %s (%s): replying with the global weights", report["status"], report["reason"])
+            trained = self.arrays
+        val = report.get("val_after") or {}
+        metrics = MetricRecord({
+            "num-examples": int(report["n_train"]),
+            "train-loss": float(report["final_loss"] if report["final_loss"] is not None else np.nan),
+            "val-accuracy": float(val.get("accuracy", np.nan)),
+            "val-loss": float(val.get("loss", np.nan)),
+            "peak-rss-mb": float(report["peak_rss_mb"]),
+            "watched-peak-rss-mb": float(report.get("watched_peak_rss_mb") or report["peak_rss_mb"]),
+            "ram-ceiling-mb": float(report["ram_ceiling_mb"]),
+            "steps": int(report["steps_done"]),
+            "clientapp-rss-mb": round(rss_bytes() / 2**20, 1),
+        })
+        return RecordDict({"arrays": to_record(trained), "metrics": metrics,
+                           "node": self.identity(report["status"])})
+
+    def evaluate(self) -> RecordDict:
+        ceiling = self.cfg.training.ram_ceiling_mb << 20
+        limit = max(1, ceiling - rss_bytes()) if ceiling else 0
+        job = make_job(self.cfg, "evaluate", self.bundle_path, split="val", start_weights=str(self.start),
+                       eval_batch=self.manifest.default_batch_size, expected_sha256=self.manifest.sha256)
+        result = run_job(job, limit, self.cfg.training.rss_poll_s)
+        metrics = MetricRecord({"num-examples": int(result["n"]), "eval-loss": float(result["loss"]),
+                                "eval-accuracy": float(result["accuracy"]),
+                                "peak-rss-mb": float(result["peak_rss_mb"])})
+        return RecordDict({"metrics": metrics, "node": self.identity("ok")})
+
+
+def _handle(msg: Message, context: Context, work: str) -> Message:
+    cfg = node_config(context)
+    with StateLock(cfg.state_dir, LOCK_PURPOSE):
+        content = getattr(Round(msg, context), work)()
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the device's bundle from the global weights on its own windows; reply with the trainable weights."""
+    return _handle(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global weights on the device's validation windows; reply with loss and accuracy."""
+    return _handle(msg, context, "evaluate")
