@@ -1,0 +1,199 @@
+"""Fixtures for the fleet tests: a factory bundle of the demo's digits model, three users' real data, and a real
+Flower SuperLink with SuperNodes as subprocesses on free ports (``hosvd-fleet supernode`` per device).
+
+The data: scikit-learn's 1,797 real handwritten digits. The data set records no writer, so the three "users" are
+disjoint class-stratified shares of the digits the factory never saw, each written with its own habit (shifted
+another way, with another pen: :func:`habit`), the same kind of change the demo's single new user has
+(``demo/shift.py``). Each user's share is cut into the windows its device stores (train/val) and held-out
+windows that never enter any store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demo import datasets, models
+from tests.device.conftest import free_port, toml_dumps, wait_port
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+USERS = {"anna": (1, 1, 0.5), "ben": (1, -1, 1.6), "chen": (-1, 0, 0.7)}  # (dy, dx, ink gamma)
+BATCH = 16
+RAM_CEILING_MB = 640
+
+
+def habit(x: np.ndarray, dy: int, dx: int, gamma: float) -> np.ndarray:
+    """One writer's habit on 8×8 digits in [0, 1]: shifted by ``(dy, dx)`` pixels (zero fill), ink ``v ** gamma``."""
+    out = np.zeros_like(x)
+    h, w = x.shape[1:3]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return np.power(out, gamma, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    train: datasets.Dataset  # stored on the device (train and val split by the store)
+    holdout: datasets.Dataset  # never stored anywhere
+
+
+@dataclass(frozen=True)
+class FleetData:
+    factory: datasets.Dataset
+    users: list[User]
+    labels: list[str]
+
+
+@pytest.fixture(scope="session")
+def fleet_data() -> FleetData:
+    data = datasets.load_digits()
+    factory_idx, rest = datasets.stratified_split(data.y, (0.4, 0.6), seed=0)
+    rest_data = data.subset(rest)
+    shares = datasets.stratified_split(rest_data.y, (1 / 3, 1 / 3, 1 / 3), seed=1)
+    users = []
+    for (name, (dy, dx, gamma)), share in zip(USERS.items(), shares, strict=True):
+        part = rest_data.subset(share)
+        part = part.with_x(habit(part.x, dy, dx, gamma))
+        train, hold = datasets.stratified_split(part.y, (0.5, 0.5), seed=2)
+        users.append(User(name, part.subset(train), part.subset(hold)))
+    return FleetData(data.subset(factory_idx), users, data.labels)
+
+
+@pytest.fixture(scope="session")
+def fleet_bundle(fleet_data: FleetData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The factory bundle: the demo's digits CNN pre-trained on the factory digits, last 2 layers trainable."""
+    from converter.convert import convert
+
+    model = models.build("digits", classes=len(fleet_data.labels), seed=0)
+    models.pretrain(model, fleet_data.factory.x, fleet_data.factory.y, epochs=6)
+    out = tmp_path_factory.mktemp("fleet-bundle") / "digits_fleet"
+    convert(model, out, train_last=2, compression="hosvd", epsilon=0.9, batch_sizes=(BATCH,), optimizer="sgd",
+            learning_rate=0.05, input_spec=dict(layout="NHWC"), labels=fleet_data.labels,
+            calibration_data=fleet_data.factory.x[:64], measure_memory=True)
+    return out
+
+
+def write_device(root: Path, name: str, bundle: Path, user: User, steps: int) -> Path:
+    """A device's state directory (bundle, store with the user's windows) and config; returns the config path."""
+    from device_app.store import Store
+
+    state = root / name
+    (state / "bundles").mkdir(parents=True)
+    os.symlink(bundle, state / "bundles" / bundle.name)
+    store = Store(state / "store.sqlite", val_fraction=0.25)
+    try:
+        store.add_many(list(user.train.x), [user.train.labels[k] for k in user.train.y], "fleet-test")
+    finally:
+        store.close()
+    doc = {"device": {"id": name, "state_dir": str(state)}, "mqtt": {"host": "127.0.0.1", "port": 1},
+           "model": {"bundle": bundle.name},
+           "training": {"ram_ceiling_mb": RAM_CEILING_MB, "steps": steps, "batch_size": BATCH,
+                        "checkpoint_every": 1000, "rollback_tolerance": 1.0}}
+    config = root / f"{name}.toml"
+    config.write_text(toml_dumps(doc))
+    return config
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> Proc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True, env=env)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the SuperNode, its ClientApp and a training child)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Federation:
+    """A SuperLink and its SuperNodes, all real processes on localhost."""
+
+    root: Path
+    env: dict[str, str]
+    fleet_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    runtime_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def start_superlink(self) -> None:
+        cmd = [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
+               "--control-api-address", f"127.0.0.1:{self.control_port}", "--host", "127.0.0.1",
+               "--port", str(self.runtime_port), "--disable-runtime-dependency-installation"]
+        self.procs["superlink"] = Proc("superlink", cmd, self.root / "superlink.log").start(self.env)
+        for port in (self.fleet_port, self.control_port):
+            wait_port(port, timeout=60)
+
+    def node_config(self, name: str, device_config: Path) -> Path:
+        path = self.root / f"{name}-fleet.toml"
+        path.write_text(toml_dumps({"device_config": str(device_config), "superlink": f"127.0.0.1:{self.fleet_port}",
+                                    "insecure": True, "runtime_port": free_port()}))
+        return path
+
+    def start_node(self, name: str, fleet_config: Path) -> Proc:
+        cmd = [sys.executable, "-m", "fleet.cli", "supernode", "--config", str(fleet_config)]
+        proc = Proc(name, cmd, self.root / f"{name}-supernode.log").start(self.env)
+        self.procs[name] = proc
+        return proc
+
+    def run(self, bundle: Path, out: Path, timeout: float, **options: object) -> subprocess.CompletedProcess:
+        """``hosvd-fleet run`` against this SuperLink; fails the test with the logs if it does not finish."""
+        cmd = [sys.executable, "-m", "fleet.cli", "run", "--bundle", str(bundle), "--out", str(out), "--insecure",
+               "--superlink", f"127.0.0.1:{self.control_port}"]
+        for key, value in options.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        try:
+            done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"federation did not finish in {timeout} s\n{self.logs()}") from err
+        assert done.returncode == 0, f"hosvd-fleet run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n" \
+                                     f"{self.logs()}"
+        return done
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{p.log()}" for name, p in self.procs.items())
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(REPO)}
+    fed = Federation(tmp_path, env)
+    fed.start_superlink()
+    try:
+        yield fed
+    finally:
+        fed.stop()
+

@@ -1,0 +1,88 @@
+"""Fleet learning against the real engine: a Flower SuperLink and three SuperNodes as processes on localhost,
+each node a device with its own state directory and a different user's real digits (``conftest.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from device_app import checkpoint
+from device_app.bundle import Bundle
+from device_app.config import load_config
+from device_app.jobs import TrainOptions, start_training
+from fleet import weights
+from hosvd_contract import load_manifest
+from tests.fleet.conftest import RAM_CEILING_MB, Federation, FleetData, write_device
+
+ROUNDS = 3
+LOCAL_STEPS = 25
+
+
+def accuracy(bundle: Bundle, full: weights.Arrays, data: FleetData) -> list[float]:
+    """Accuracy of the model ``full`` on each user's held-out windows."""
+    bundle.set_weights(full)
+    return [bundle.evaluate(u.holdout.x, u.holdout.y)["accuracy"] for u in data.users]
+
+
+def train_alone(root: Path, bundle_dir: Path, data: FleetData, steps: int) -> dict[str, weights.Arrays]:
+    """Each device training by itself from the factory weights for ``steps`` steps (the same code path)."""
+    trained = {}
+    for user in data.users:
+        cfg = load_config(write_device(root, user.name, bundle_dir, user, steps))
+        report = start_training(cfg, TrainOptions(steps=steps)).wait()
+        assert report["status"] == "ok", report
+        sha = load_manifest(bundle_dir).sha256
+        trained[user.name] = checkpoint.read(checkpoint.bundle_dir(cfg.checkpoints_dir, sha) /
+                                             report["checkpoint"]).weights
+    return trained
+
+
+def test_three_devices_learn_one_model_without_sharing_windows(
+        federation: Federation, fleet_data: FleetData, fleet_bundle: Path, tmp_path: Path) -> None:
+    for user in fleet_data.users:
+        config = write_device(tmp_path / "devices", user.name, fleet_bundle, user, LOCAL_STEPS)
+        federation.start_node(user.name, federation.node_config(user.name, config))
+    out = tmp_path / "out"
+    federation.run(fleet_bundle, out, timeout=300, rounds=ROUNDS, min_nodes=3, local_steps=LOCAL_STEPS)
+
+    manifest = load_manifest(fleet_bundle)
+    trainable = {name: {"shape": shape, "dtype": dtype} for name, (shape, dtype) in
+                 weights.trainable_specs(manifest).items()}
+    assert 0 < len(trainable) < len(manifest.weights)  # optimizer slots and a frozen prefix exist, and stayed home
+    received = json.loads((out / "received.json").read_text())
+    train = [e for e in received if e["phase"] == "train"]
+    assert [e for e in received if "error" in e] == []
+    assert sorted((e["round"], e["device_id"]) for e in train) == sorted(
+        (r, u.name) for r in range(1, ROUNDS + 1) for u in fleet_data.users)
+    for entry in train:
+        assert entry["arrays"] == {"arrays": trainable}, entry["device_id"]  # nothing but the trainable weights
+        assert entry["bytes"] == weights.nbytes({k: np.zeros(v["shape"], v["dtype"]) for k, v in trainable.items()})
+        m = entry["metrics"]
+        assert m["num-examples"] > 0 and m["steps"] == LOCAL_STEPS
+        assert m["ram-ceiling-mb"] == RAM_CEILING_MB
+        assert 0 < m["peak-rss-mb"] <= RAM_CEILING_MB and m["watched-peak-rss-mb"] <= RAM_CEILING_MB
+    rows = json.loads((out / "rounds.json").read_text())
+    assert {(r["round"], r["device_id"]) for r in rows if r["phase"] == "evaluate"} == {
+        (r, u.name) for r in range(1, ROUNDS + 1) for u in fleet_data.users}
+    assert (out / "rounds.csv").read_text().startswith("round,device_id,phase,")
+    assert (out / "rounds.png").stat().st_size > 10_000
+
+    newest = checkpoint.listing(out / "checkpoints")
+    assert [step for step, _ in newest] == list(range(ROUNDS, 0, -1))
+    final = checkpoint.read(newest[0][1])
+    assert set(final.weights) == {w.name for w in manifest.weights}  # a whole device checkpoint
+
+    bundle = Bundle(fleet_bundle, num_threads=1)
+    initial = bundle.get_weights()
+    factory = accuracy(bundle, initial, fleet_data)
+    fleet = accuracy(bundle, final.weights, fleet_data)
+    alone = {name: accuracy(bundle, w, fleet_data)
+             for name, w in train_alone(tmp_path / "alone", fleet_bundle, fleet_data, ROUNDS * LOCAL_STEPS).items()}
+    own = [alone[u.name][i] for i, u in enumerate(fleet_data.users)]
+    print(f"held-out accuracy per device {[u.name for u in fleet_data.users]}: factory {np.round(factory, 3)}, "
+          f"fleet {np.round(fleet, 3)}, alone (each on all) {({k: np.round(v, 3).tolist() for k, v in alone.items()})}"
+          f", alone on own {np.round(own, 3)}")
+    assert np.mean(fleet) >= np.mean(factory) + 0.05
+    assert np.mean(fleet) >= np.mean([np.mean(v) for v in alone.values()])
