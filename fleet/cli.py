@@ -33,6 +33,13 @@ def _bin(name: str) -> str:
     return found
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment with this interpreter's bin directory first on PATH: Flower starts its helper processes
+    (``flower-superexec``, ``flwr-clientapp``, ``flwr-serverapp``) by name."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
+
+
 def _toml(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
@@ -63,12 +70,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="hosvd-fleet-") as home:
         cmd = run_command(args, Path(home))
-        code = subprocess.call(cmd, env={**os.environ, "FLWR_HOME": home})
+        code = subprocess.call(cmd, env=_env(FLWR_HOME=home))
     if not result.is_file():
         print(f"hosvd-fleet run: the federation did not finish (flwr run exited {code}; no {result})",
               file=sys.stderr)
         return code or 1
-    print(f"federation done: {result}")
+    summary = json.loads(result.read_text())
+    if len(summary["rounds_aggregated"]) < summary["rounds"]:
+        print(f"hosvd-fleet run: only rounds {summary['rounds_aggregated']} of {summary['rounds']} had replies to "
+              f"aggregate; the nodes' errors are in {Path(args.out) / 'received.json'}", file=sys.stderr)
+        return 1
+    print(f"federation done: {summary['rounds']} rounds, global model {summary['final_checkpoint']}")
     return 0
 
 
@@ -134,7 +146,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         print(f"hosvd-fleet supernode: {err}", file=sys.stderr)
         return 2
     cmd = cfg.command(Path(args.config).resolve().parent)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, _env())
     return 0  # not reached: execv replaces this process
 
 

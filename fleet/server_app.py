@@ -233,11 +233,11 @@ def main(grid: Grid, context: Context) -> None:
              settings.strategy)
     result = strategy.start(grid=grid, initial_arrays=start, num_rounds=settings.rounds,
                             timeout=settings.round_timeout, train_config=train_config)
-    final = weights.trainable(manifest, from_record(result.arrays)) if len(result.arrays) else {}
+    saved = checkpoint.listing(recorder.out / "checkpoints")
     (recorder.out / "result.json").write_text(json.dumps({
-        "rounds": settings.rounds, "strategy": settings.strategy, "final_checkpoint": str(
-            checkpoint.listing(recorder.out / "checkpoints")[0][1]) if final else None,
-        "trainable_bytes": weights.nbytes(final) if final else 0,
+        "rounds": settings.rounds, "rounds_aggregated": sorted(step for step, _ in saved),
+        "strategy": settings.strategy, "final_checkpoint": str(saved[0][1]) if saved else None,
+        "trainable_bytes": weights.nbytes(weights.trainable(manifest, initial)),
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}}, indent=1,
         default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))

@@ -10,7 +10,10 @@ windows that never enter any store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,18 +72,39 @@ def fleet_data() -> FleetData:
     return FleetData(data.subset(factory_idx), users, data.labels)
 
 
+FLEET_BUNDLE = dict(train_last=2, compression="hosvd", epsilon=0.9, batch_sizes=(BATCH,), optimizer="sgd",
+                    learning_rate=0.05, pretrain_epochs=6)
+
+
 @pytest.fixture(scope="session")
 def fleet_bundle(fleet_data: FleetData, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The factory bundle: the demo's digits CNN pre-trained on the factory digits, last 2 layers trainable."""
+    """The factory bundle: the demo's digits CNN pre-trained on the factory digits, last 2 layers trainable.
+
+    Built once into ``$HOSVD_TEST_BUNDLES/digits_fleet`` when that is set (and rebuilt when the converter's
+    sources or these options change, as :mod:`tests.build_bundles` does), else into a session temp directory.
+    """
+    from tests.build_bundles import STAMP, source_digest
+
+    root = os.environ.get("HOSVD_TEST_BUNDLES")
+    out = (Path(root) if root else tmp_path_factory.mktemp("fleet-bundle")) / "digits_fleet"
+    spec = json.dumps({"options": FLEET_BUNDLE, "sources": source_digest(), "conftest": _digest(Path(__file__))},
+                      sort_keys=True)
+    if (out / STAMP).is_file() and (out / STAMP).read_text() == spec:
+        return out
     from converter.convert import convert
 
+    options = dict(FLEET_BUNDLE)
     model = models.build("digits", classes=len(fleet_data.labels), seed=0)
-    models.pretrain(model, fleet_data.factory.x, fleet_data.factory.y, epochs=6)
-    out = tmp_path_factory.mktemp("fleet-bundle") / "digits_fleet"
-    convert(model, out, train_last=2, compression="hosvd", epsilon=0.9, batch_sizes=(BATCH,), optimizer="sgd",
-            learning_rate=0.05, input_spec=dict(layout="NHWC"), labels=fleet_data.labels,
-            calibration_data=fleet_data.factory.x[:64], measure_memory=True)
+    models.pretrain(model, fleet_data.factory.x, fleet_data.factory.y, epochs=options.pop("pretrain_epochs"))
+    (out / STAMP).unlink(missing_ok=True)
+    convert(model, out, input_spec=dict(layout="NHWC"), labels=fleet_data.labels,
+            calibration_data=fleet_data.factory.x[:64], measure_memory=True, **options)
+    (out / STAMP).write_text(spec)
     return out
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_device(root: Path, name: str, bundle: Path, user: User, steps: int) -> Path:
@@ -88,8 +112,7 @@ def write_device(root: Path, name: str, bundle: Path, user: User, steps: int) ->
     from device_app.store import Store
 
     state = root / name
-    (state / "bundles").mkdir(parents=True)
-    os.symlink(bundle, state / "bundles" / bundle.name)
+    shutil.copytree(bundle, state / "bundles" / bundle.name)
     store = Store(state / "store.sqlite", val_fraction=0.25)
     try:
         store.add_many(list(user.train.x), [user.train.labels[k] for k in user.train.y], "fleet-test")
@@ -140,23 +163,23 @@ class Federation:
 
     root: Path
     env: dict[str, str]
-    fleet_port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
-    runtime_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # Flower 1.42 serves Fleet, Control and Runtime APIs on one port
     procs: dict[str, Proc] = field(default_factory=dict)
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
     def start_superlink(self) -> None:
-        cmd = [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{self.fleet_port}",
-               "--control-api-address", f"127.0.0.1:{self.control_port}", "--host", "127.0.0.1",
-               "--port", str(self.runtime_port), "--disable-runtime-dependency-installation"]
+        cmd = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
         self.procs["superlink"] = Proc("superlink", cmd, self.root / "superlink.log").start(self.env)
-        for port in (self.fleet_port, self.control_port):
-            wait_port(port, timeout=60)
+        wait_port(self.port, timeout=60)
 
     def node_config(self, name: str, device_config: Path) -> Path:
         path = self.root / f"{name}-fleet.toml"
-        path.write_text(toml_dumps({"device_config": str(device_config), "superlink": f"127.0.0.1:{self.fleet_port}",
-                                    "insecure": True, "runtime_port": free_port()}))
+        path.write_text(f"device_config = {json.dumps(str(device_config))}\nsuperlink = {json.dumps(self.address)}\n"
+                        f"insecure = true\nruntime_port = {free_port()}\n")
         return path
 
     def start_node(self, name: str, fleet_config: Path) -> Proc:
@@ -168,7 +191,7 @@ class Federation:
     def run(self, bundle: Path, out: Path, timeout: float, **options: object) -> subprocess.CompletedProcess:
         """``hosvd-fleet run`` against this SuperLink; fails the test with the logs if it does not finish."""
         cmd = [sys.executable, "-m", "fleet.cli", "run", "--bundle", str(bundle), "--out", str(out), "--insecure",
-               "--superlink", f"127.0.0.1:{self.control_port}"]
+               "--superlink", self.address]
         for key, value in options.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         try:
@@ -189,7 +212,9 @@ class Federation:
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(REPO)}
+    # Flower starts its helpers (flower-superexec, flwr-clientapp, flwr-serverapp) from PATH
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONPATH": str(REPO),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     fed = Federation(tmp_path, env)
     fed.start_superlink()
     try:

@@ -58,7 +58,8 @@ def test_three_devices_learn_one_model_without_sharing_windows(
         (r, u.name) for r in range(1, ROUNDS + 1) for u in fleet_data.users)
     for entry in train:
         assert entry["arrays"] == {"arrays": trainable}, entry["device_id"]  # nothing but the trainable weights
-        assert entry["bytes"] == weights.nbytes({k: np.zeros(v["shape"], v["dtype"]) for k, v in trainable.items()})
+        payload = weights.nbytes({k: np.zeros(v["shape"], v["dtype"]) for k, v in trainable.items()})
+        assert payload <= entry["bytes"] <= payload + 256 * len(trainable)  # the arrays and their .npy headers
         m = entry["metrics"]
         assert m["num-examples"] > 0 and m["steps"] == LOCAL_STEPS
         assert m["ram-ceiling-mb"] == RAM_CEILING_MB
