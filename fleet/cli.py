@@ -51,6 +51,7 @@ def run_command(args: argparse.Namespace, flwr_home: Path) -> list[str]:
                                            f"address = {_toml(args.superlink)}\n{tls}\n")
     config = {"bundle": str(Path(args.bundle).resolve()), "out-dir": str(Path(args.out).resolve()),
               "rounds": args.rounds, "strategy": args.strategy, "fraction-train": args.fraction_train,
+              "fraction-evaluate": args.fraction_train if args.fraction_evaluate is None else args.fraction_evaluate,
               "min-nodes": args.min_nodes, "local-steps": args.local_steps, "learning-rate": args.learning_rate,
               "server-learning-rate": args.server_learning_rate, "round-timeout": args.round_timeout}
     overrides = [item for key, value in config.items() for item in ("--run-config", f"{key}={_toml(value)}")]
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=["fedavg", "fedadam"], default="fedavg")
     run.add_argument("--min-nodes", type=int, default=2, help="nodes a round needs (and samples at least)")
     run.add_argument("--fraction-train", type=float, default=1.0, help="share of connected nodes per round")
+    run.add_argument("--fraction-evaluate", type=float, default=None,
+                     help="share of nodes that evaluate each round's global model (default: --fraction-train; 0: none)")
     run.add_argument("--local-steps", type=int, default=0, help="steps per node and round (0: its config's)")
     run.add_argument("--learning-rate", type=float, default=0.0, help="device learning rate (0: its config's)")
     run.add_argument("--server-learning-rate", type=float, default=0.1, help="FedAdam's server step (eta)")

@@ -97,12 +97,13 @@ class Round:
         else:  # stopped early or rolled back: this node adds nothing new, so it returns the global weights
             log.warning("round ended %s (%s): replying with the global weights", report["status"], report["reason"])
             trained = self.arrays
-        val = report.get("val_after") or {}
+        val, before = report.get("val_after") or {}, report.get("val_before") or {}
         metrics = MetricRecord({
             "num-examples": int(report["n_train"]),
             "train-loss": float(report["final_loss"] if report["final_loss"] is not None else np.nan),
             "val-accuracy": float(val.get("accuracy", np.nan)),
             "val-loss": float(val.get("loss", np.nan)),
+            "global-val-accuracy": float(before.get("accuracy", np.nan)),  # the received model, before training
             "peak-rss-mb": float(report["peak_rss_mb"]),
             "watched-peak-rss-mb": float(report.get("watched_peak_rss_mb") or report["peak_rss_mb"]),
             "ram-ceiling-mb": float(report["ram_ceiling_mb"]),

@@ -2,7 +2,9 @@
 
 Run config (``[tool.flwr.app.config]`` of ``fleet/app/pyproject.toml``, or ``flwr run --run-config`` /
 ``hosvd-fleet run`` options): ``bundle`` (the bundle directory; the global model starts from its weights),
-``rounds``, ``strategy`` (``fedavg`` or ``fedadam``), ``fraction-train``, ``min-nodes``, ``local-steps``,
+``rounds``, ``strategy`` (``fedavg`` or ``fedadam``), ``fraction-train``, ``fraction-evaluate`` (0: no federated
+evaluation; each train reply still carries the received global model's validation accuracy), ``min-nodes``,
+``local-steps``,
 ``learning-rate`` (0: each device's ``[training]`` setting), ``server-learning-rate`` (FedAdam's ``eta``),
 ``round-timeout`` (seconds a round waits for replies) and ``out-dir``.
 
@@ -51,6 +53,7 @@ class Settings:
     rounds: int = 3
     strategy: str = "fedavg"
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     min_nodes: int = 2
     local_steps: int = 0
     learning_rate: float = 0.0
@@ -78,8 +81,10 @@ class Settings:
         settings = cls(**typed)
         if settings.strategy not in STRATEGIES:
             raise ValueError(f"strategy {settings.strategy!r} is not one of {sorted(STRATEGIES)}")
-        if settings.rounds < 1 or settings.min_nodes < 1 or not 0 < settings.fraction_train <= 1:
-            raise ValueError(f"need rounds >= 1, min-nodes >= 1 and 0 < fraction-train <= 1, got {settings}")
+        if settings.rounds < 1 or settings.min_nodes < 1 or not 0 < settings.fraction_train <= 1 \
+                or not 0 <= settings.fraction_evaluate <= 1:
+            raise ValueError(f"need rounds >= 1, min-nodes >= 1, 0 < fraction-train <= 1 and 0 <= fraction-evaluate "
+                             f"<= 1, got {settings}")
         return settings
 
 
@@ -162,13 +167,16 @@ class Recorder:
             log.warning("matplotlib is not installed: no rounds.png (the table is in rounds.csv)")
             return None
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+        # the global model after round r (federated evaluation), else the one each node received in round r
+        evaluated = any(r["phase"] == "evaluate" for r in self.rows)
+        phase, key = ("evaluate", "eval-accuracy") if evaluated else ("train", "global-val-accuracy")
         for device in sorted({r["device_id"] for r in self.rows}):
-            ev = [r for r in self.rows if r["device_id"] == device and r["phase"] == "evaluate"]
+            ev = [r for r in self.rows if r["device_id"] == device and r["phase"] == phase]
             tr = [r for r in self.rows if r["device_id"] == device and r["phase"] == "train"]
-            acc.plot([r["round"] for r in ev], [r["eval-accuracy"] for r in ev], marker="o", label=device)
+            acc.plot([r["round"] for r in ev], [r[key] for r in ev], marker="o", label=device)
             loss.plot([r["round"] for r in tr], [r["train-loss"] for r in tr], marker="o", label=device)
-        acc.set(title="global model: accuracy on each device's validation windows", xlabel="round",
-                ylabel="accuracy")
+        acc.set(title="global model " + ("after" if evaluated else "received in") + " round: accuracy on "
+                "each device's validation windows", xlabel="round", ylabel="accuracy")
         loss.set(title="local training loss", xlabel="round", ylabel="loss")
         acc.legend()
         fig.tight_layout()
@@ -201,7 +209,8 @@ class _Recording:
 def make_strategy(settings: Settings, recorder: Recorder) -> FedAvg:
     """Flower's strategy ``settings.strategy`` with the recorder mixed in."""
     base = STRATEGIES[settings.strategy]
-    kwargs: dict[str, Any] = dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_train,
+    kwargs: dict[str, Any] = dict(fraction_train=settings.fraction_train,
+                                  fraction_evaluate=settings.fraction_evaluate,
                                   min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
                                   min_available_nodes=settings.min_nodes)
     if base is FedAdam:

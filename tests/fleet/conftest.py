@@ -10,6 +10,7 @@ windows that never enter any store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from demo import datasets, models
@@ -142,19 +144,30 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the SuperNode, its ClientApp and a training child)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+    def kill(self) -> list[int]:
+        """SIGKILL the process and everything it started (a SuperNode's ClientApp and training child run in
+        sessions of their own); return the PIDs killed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=10)
+        self.proc.wait(10)
+        return [p.pid for p in tree]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+            for p in children:  # helpers Flower started in their own sessions
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
 
 
 @dataclass
@@ -188,22 +201,32 @@ class Federation:
         self.procs[name] = proc
         return proc
 
-    def run(self, bundle: Path, out: Path, timeout: float, **options: object) -> subprocess.CompletedProcess:
-        """``hosvd-fleet run`` against this SuperLink; fails the test with the logs if it does not finish."""
+    def start_run(self, bundle: Path, out: Path, **options: object) -> subprocess.Popen:
+        """``hosvd-fleet run`` against this SuperLink, in the background (its output in ``out``'s sibling log)."""
         cmd = [sys.executable, "-m", "fleet.cli", "run", "--bundle", str(bundle), "--out", str(out), "--insecure",
                "--superlink", self.address]
         for key, value in options.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+        log = open(self.root / "run.log", "wb")  # noqa: SIM115 - lives with the process
+        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=log)
+
+    def finish(self, run: subprocess.Popen, timeout: float) -> None:
+        """Wait for a run to end; fail with every log if it did not finish or failed."""
         try:
-            done = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+            code = run.wait(timeout)
         except subprocess.TimeoutExpired as err:
+            run.kill()
             raise AssertionError(f"federation did not finish in {timeout} s\n{self.logs()}") from err
-        assert done.returncode == 0, f"hosvd-fleet run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n" \
-                                     f"{self.logs()}"
-        return done
+        assert code == 0, f"hosvd-fleet run exited {code}\n{self.logs()}"
+
+    def run(self, bundle: Path, out: Path, timeout: float, **options: object) -> None:
+        """``hosvd-fleet run`` to its end."""
+        self.finish(self.start_run(bundle, out, **options), timeout)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{p.log()}" for name, p in self.procs.items())
+        run = self.root / "run.log"
+        tail = run.read_text(errors="replace")[-4000:] if run.is_file() else ""
+        return "\n".join(f"--- {name}\n{p.log()}" for name, p in self.procs.items()) + f"\n--- run\n{tail}"
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):

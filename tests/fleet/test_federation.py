@@ -4,6 +4,7 @@ each node a device with its own state directory and a different user's real digi
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from device_app.config import load_config
 from device_app.jobs import TrainOptions, start_training
 from fleet import weights
 from hosvd_contract import load_manifest
+from tests.device.conftest import wait_until
 from tests.fleet.conftest import RAM_CEILING_MB, Federation, FleetData, write_device
 
 ROUNDS = 3
@@ -87,3 +89,43 @@ def test_three_devices_learn_one_model_without_sharing_windows(
           f", alone on own {np.round(own, 3)}")
     assert np.mean(fleet) >= np.mean(factory) + 0.05
     assert np.mean(fleet) >= np.mean([np.mean(v) for v in alone.values()])
+
+
+def _store_state(db: Path) -> tuple[str, list[tuple]]:
+    with sqlite3.connect(db) as conn:
+        return (conn.execute("PRAGMA integrity_check").fetchone()[0],
+                conn.execute("SELECT id, label, split, length(x) FROM samples ORDER BY id").fetchall())
+
+
+def test_a_node_killed_mid_round_does_not_stop_the_federation_and_rejoins(
+        federation: Federation, fleet_data: FleetData, fleet_bundle: Path, tmp_path: Path) -> None:
+    configs = {}
+    for user in fleet_data.users:
+        configs[user.name] = write_device(tmp_path / "devices", user.name, fleet_bundle, user, LOCAL_STEPS)
+        federation.start_node(user.name, federation.node_config(user.name, configs[user.name]))
+    victim = load_config(configs["chen"])
+    store_before = _store_state(victim.db_path)
+    out = tmp_path / "out"
+    run = federation.start_run(fleet_bundle, out, rounds=ROUNDS, min_nodes=2, local_steps=LOCAL_STEPS,
+                               fraction_evaluate=0, round_timeout=30)
+    started = victim.state_dir / "fleet" / "global.npz"  # written when a round reaches the node, before training
+    wait_until(started.exists, timeout=120, what="round 1 reaching chen", detail=federation.logs)
+    killed = federation.procs["chen"].kill()
+    assert len(killed) >= 2  # the SuperNode and the ClientApp it started (and a training child if one ran)
+    assert _store_state(victim.db_path) == store_before  # SIGKILL mid-round: the store is whole and unchanged
+    ckpt_dir = checkpoint.bundle_dir(victim.checkpoints_dir, load_manifest(fleet_bundle).sha256)
+    for _, path in checkpoint.listing(ckpt_dir):
+        checkpoint.read(path)  # every checkpoint left reads back completely
+    federation.start_node("chen", federation.node_config("chen-again", configs["chen"]))
+    federation.finish(run, timeout=240)
+
+    received = [e for e in json.loads((out / "received.json").read_text()) if e["phase"] == "train"]
+    ok = {(e["round"], e["device_id"]) for e in received if "error" not in e}
+    assert {("anna", r) for r in range(1, ROUNDS + 1)} <= {(d, r) for r, d in ok}
+    assert {("ben", r) for r in range(1, ROUNDS + 1)} <= {(d, r) for r, d in ok}
+    assert (1, "chen") not in ok  # killed before it could reply
+    assert (ROUNDS, "chen") in ok  # back for a later round, on the same store and checkpoints
+    assert [step for step, _ in checkpoint.listing(out / "checkpoints")] == list(range(ROUNDS, 0, -1))
+    assert _store_state(victim.db_path) == store_before
+    newest = checkpoint.latest(ckpt_dir)
+    assert newest is not None and newest.meta["bundle_sha256"] == load_manifest(fleet_bundle).sha256
