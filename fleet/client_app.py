@@ -3,10 +3,12 @@
 Node config (``flower-supernode --node-config 'device-config="/etc/hosvd-edge/device.toml"'``): the device's
 config file, which names its state directory (store, checkpoints, bundles), bundle and ``[training]`` settings.
 
-On a ``train`` message the app takes the state directory's lock (so a round never runs beside the daemon, a
-``hosvd-device train`` or another round), writes the global trainable weights it received to
-``<state_dir>/fleet/global.npz``, and starts :func:`device_app.jobs.start_training` with them as the start: the
-same bundle check, planner inside ``ram_ceiling_mb``, child process under the RSS watcher, and checkpoints.
+On a ``train`` message the app writes the global trainable weights it received to
+``<state_dir>/fleet/global.npz`` and takes the state directory's lock (so a round never runs beside a
+``hosvd-device train`` or another round) to start :func:`device_app.jobs.start_training` from them: the same
+bundle check, planner inside ``ram_ceiling_mb``, child process under the RSS watcher, and checkpoints. When the
+device's daemon holds the lock, the round is a ``train`` request to the daemon instead (:mod:`fleet.daemon_link`):
+the daemon runs it as its job (refusing while another runs) and it shows on MQTT with ``progress`` and ``report``.
 It replies with the trained trainable weights only, the number of training windows and the run's metrics.
 On an ``evaluate`` message it evaluates the received weights on the device's validation windows in a child.
 A failure (no data, no plan under the ceiling, the state directory busy) becomes Flower's error reply, which the
@@ -16,6 +18,7 @@ strategy counts as a failed node for that round.
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +29,15 @@ from flwr.clientapp import ClientApp
 from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.config import Config, load_config
-from device_app.jobs import TrainOptions, make_job, run_job, start_training
+from device_app.jobs import TrainOptions, fleet_start_weights, make_job, run_job, start_training
 from device_app.memory import rss_bytes
-from device_app.statelock import StateLock
-from fleet import weights
+from device_app.statelock import StateDirBusy, StateLock
+from fleet import daemon_link, weights
 from hosvd_contract import load_manifest
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 LOCK_PURPOSE = "hosvd-fleet round"
-ROUND_DIR = "fleet"
 
 
 def to_record(arrays: weights.Arrays) -> ArrayRecord:
@@ -62,10 +64,15 @@ def node_config(context: Context) -> Config:
 
 
 class Round:
-    """One message's work on one device: its config, bundle and the global weights it received."""
+    """One message's work on one device: its config, bundle and the global weights it received.
 
-    def __init__(self, msg: Message, context: Context) -> None:
+    ``through_daemon``: the device's daemon holds the state directory, so the work is asked of the daemon over
+    MQTT (:mod:`fleet.daemon_link`) instead of being started here.
+    """
+
+    def __init__(self, msg: Message, context: Context, through_daemon: bool = False) -> None:
         self.cfg = node_config(context)
+        self.through_daemon = through_daemon
         self.config = msg.content.config_records.get("config", ConfigRecord())
         self.bundle_path = resolve_bundle(self.cfg.bundles_dir, self.cfg.model.bundle)
         self.manifest = load_manifest(self.bundle_path)
@@ -73,7 +80,8 @@ class Round:
         if received is None:
             raise ValueError("the message carries no ArrayRecord 'arrays' (the global trainable weights)")
         self.arrays = weights.check(self.manifest, from_record(received), "the global weights received")
-        self.start = weights.save_npz(self.cfg.state_dir / ROUND_DIR / "global.npz", self.arrays)
+        self.start = weights.save_npz(fleet_start_weights(self.cfg), self.arrays)
+        self.timeout = self.option("round-timeout", float, 3600.0)
 
     def option(self, key: str, cast: type, default: Any = None) -> Any:
         value = self.config.get(key)
@@ -86,9 +94,18 @@ class Round:
     def train(self) -> RecordDict:
         options = TrainOptions(steps=self.option("local-steps", int), learning_rate=self.option("learning-rate", float),
                                batch_size=self.option("batch-size", int), start_weights=str(self.start),
-                               transaction=f"fleet-round-{self.config.get('server-round', 0)}")
-        report = start_training(self.cfg, options, bundle_name=self.cfg.model.bundle,
-                                expected_sha256=self.manifest.sha256).wait()
+                               transaction=f"fleet-round-{self.config.get('server-round', 0)}-{uuid.uuid4().hex[:8]}")
+        if self.through_daemon:
+            body = {"transaction": options.transaction, "fleet_round": True, "steps": options.steps,
+                    "learning_rate": options.learning_rate, "batch_size": options.batch_size}
+            report = daemon_link.request(self.cfg, "train", {k: v for k, v in body.items() if v is not None},
+                                         self.timeout, report=True)
+            if report.get("sha256") != self.manifest.sha256:
+                raise RuntimeError(f"the daemon on {self.cfg.device.id} trained bundle {report.get('bundle')} "
+                                   f"({str(report.get('sha256'))[:12]}…), not {self.cfg.model.bundle}: reload it")
+        else:
+            report = start_training(self.cfg, options, bundle_name=self.cfg.model.bundle,
+                                    expected_sha256=self.manifest.sha256).wait()
         if report["status"] == "error":
             raise RuntimeError(f"training on {self.cfg.device.id} failed: {report['error']}")
         if report["status"] == "ok":
@@ -114,11 +131,14 @@ class Round:
                            "node": self.identity(report["status"])})
 
     def evaluate(self) -> RecordDict:
-        ceiling = self.cfg.training.ram_ceiling_mb << 20
-        limit = max(1, ceiling - rss_bytes()) if ceiling else 0
-        job = make_job(self.cfg, "evaluate", self.bundle_path, split="val", start_weights=str(self.start),
-                       eval_batch=self.manifest.default_batch_size, expected_sha256=self.manifest.sha256)
-        result = run_job(job, limit, self.cfg.training.rss_poll_s)
+        if self.through_daemon:
+            result = daemon_link.request(self.cfg, "evaluate", {"split": "val", "fleet_round": True}, self.timeout)
+        else:
+            ceiling = self.cfg.training.ram_ceiling_mb << 20
+            limit = max(1, ceiling - rss_bytes()) if ceiling else 0
+            job = make_job(self.cfg, "evaluate", self.bundle_path, split="val", start_weights=str(self.start),
+                           eval_batch=self.manifest.default_batch_size, expected_sha256=self.manifest.sha256)
+            result = run_job(job, limit, self.cfg.training.rss_poll_s)
         metrics = MetricRecord({"num-examples": int(result["n"]), "eval-loss": float(result["loss"]),
                                 "eval-accuracy": float(result["accuracy"]),
                                 "peak-rss-mb": float(result["peak_rss_mb"])})
@@ -126,9 +146,24 @@ class Round:
 
 
 def _handle(msg: Message, context: Context, work: str) -> Message:
+    """Run ``work`` holding the state directory's lock, or through the daemon when the daemon holds it.
+
+    Raises:
+        StateDirBusy: another process than the daemon (``hosvd-device train``, another round) holds it.
+    """
     cfg = node_config(context)
-    with StateLock(cfg.state_dir, LOCK_PURPOSE):
-        content = getattr(Round(msg, context), work)()
+    lock = StateLock(cfg.state_dir, LOCK_PURPOSE)
+    try:
+        lock.acquire()
+    except StateDirBusy:
+        if not lock.holder().endswith(f"({daemon_link.DAEMON_PURPOSE})"):
+            raise
+        content = getattr(Round(msg, context, through_daemon=True), work)()
+    else:
+        try:
+            content = getattr(Round(msg, context), work)()
+        finally:
+            lock.release()
     return Message(content=content, reply_to=msg)
 
 

@@ -235,13 +235,15 @@ def main(grid: Grid, context: Context) -> None:
         raise BundleError(f"bundle {settings.bundle} has no trainable weights to federate")
     recorder = Recorder(settings, manifest, initial)
     strategy = make_strategy(settings, recorder)
-    train_config = ConfigRecord({"local-steps": settings.local_steps, "learning-rate": settings.learning_rate})
+    train_config = ConfigRecord({"local-steps": settings.local_steps, "learning-rate": settings.learning_rate,
+                                 "round-timeout": settings.round_timeout})
     start = to_record(weights.trainable(manifest, initial))
     log.info("Federating %d trainable arrays (%d bytes) of %s for %d rounds with %s", len(start),
              weights.nbytes(weights.trainable(manifest, initial)), manifest.model_name, settings.rounds,
              settings.strategy)
     result = strategy.start(grid=grid, initial_arrays=start, num_rounds=settings.rounds,
-                            timeout=settings.round_timeout, train_config=train_config)
+                            timeout=settings.round_timeout, train_config=train_config,
+                            evaluate_config=ConfigRecord({"round-timeout": settings.round_timeout}))
     saved = checkpoint.listing(recorder.out / "checkpoints")
     (recorder.out / "result.json").write_text(json.dumps({
         "rounds": settings.rounds, "rounds_aggregated": sorted(step for step, _ in saved),

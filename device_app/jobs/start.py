@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 Report = dict[str, Any]
 
 
+FLEET_START = "fleet/global.npz"
+
+
+def fleet_start_weights(cfg: Config) -> Path:
+    """Where a fleet ClientApp leaves the round's global trainable weights: ``<state_dir>/fleet/global.npz``.
+
+    A ``train`` or ``evaluate`` request with ``fleet_round`` starts from this file (the daemon's side of a fleet
+    round, when the daemon holds the state directory).
+    """
+    return cfg.state_dir / FLEET_START
+
+
 def make_job(cfg: Config, kind: JobKind, bundle_dir: str | Path, **fields: Any) -> Job:
     """A job of ``kind`` on ``bundle_dir`` with the configuration's paths and ``[training]`` settings.
 
