@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 from demo import datasets, models
-from tests.device.conftest import free_port, toml_dumps, wait_port
+from tests.device.conftest import broker, free_port, toml_dumps, wait_port  # noqa: F401 - broker: fixture
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -109,8 +108,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_device(root: Path, name: str, bundle: Path, user: User, steps: int) -> Path:
-    """A device's state directory (bundle, store with the user's windows) and config; returns the config path."""
+def write_device(root: Path, name: str, bundle: Path, user: User, steps: int, mqtt_port: int = 1) -> Path:
+    """A device's state directory (bundle, store with the user's windows) and config; returns the config path.
+
+    ``mqtt_port`` is the broker its daemon would use (only a test that starts the daemon needs a real one)."""
     from device_app.store import Store
 
     state = root / name
@@ -120,7 +121,7 @@ def write_device(root: Path, name: str, bundle: Path, user: User, steps: int) ->
         store.add_many(list(user.train.x), [user.train.labels[k] for k in user.train.y], "fleet-test")
     finally:
         store.close()
-    doc = {"device": {"id": name, "state_dir": str(state)}, "mqtt": {"host": "127.0.0.1", "port": 1},
+    doc = {"device": {"id": name, "state_dir": str(state)}, "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
            "model": {"bundle": bundle.name},
            "training": {"ram_ceiling_mb": RAM_CEILING_MB, "steps": steps, "batch_size": BATCH,
                         "checkpoint_every": 1000, "rollback_tolerance": 1.0}}
@@ -157,18 +158,6 @@ class Proc:
         self.proc.wait(10)
         return [p.pid for p in tree]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            for p in children:  # helpers Flower started in their own sessions
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-
 
 @dataclass
 class Federation:
@@ -194,6 +183,13 @@ class Federation:
         path.write_text(f"device_config = {json.dumps(str(device_config))}\nsuperlink = {json.dumps(self.address)}\n"
                         f"insecure = true\nruntime_port = {free_port()}\n")
         return path
+
+    def start_daemon(self, name: str, device_config: Path) -> Proc:
+        """The device's daemon (``hosvd-device run``), which then holds the state directory."""
+        cmd = [sys.executable, "-m", "device_app", "run", "--config", str(device_config)]
+        proc = Proc(f"{name}-daemon", cmd, self.root / f"{name}-daemon.log").start(self.env)
+        self.procs[proc.name] = proc
+        return proc
 
     def start_node(self, name: str, fleet_config: Path) -> Proc:
         cmd = [sys.executable, "-m", "fleet.cli", "supernode", "--config", str(fleet_config)]
@@ -230,7 +226,7 @@ class Federation:
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
-            proc.stop()
+            proc.kill()  # no graceful shutdown to test here, and SIGTERM costs each Flower process seconds
 
 
 @pytest.fixture
