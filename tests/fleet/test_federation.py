@@ -54,6 +54,7 @@ def test_three_devices_learn_one_model_without_sharing_windows(
     out = tmp_path / "out"
     federation.run(fleet_bundle, out, timeout=300, rounds=ROUNDS, min_nodes=3, local_steps=LOCAL_STEPS)
     assert federation.procs["anna-daemon"].proc.poll() is None  # the daemon kept running beside the rounds
+    mqtt.wait("report", lambda p: str(p.get("transaction")).startswith(f"fleet-round-{ROUNDS}-"), timeout=30)
     reports = [r for r in mqtt.all("report") if str(r.get("transaction")).startswith("fleet-round-")]
     assert [(r["transaction"].split("-")[2], r["status"], r["steps_done"]) for r in reports] == [
         (str(r), "ok", LOCAL_STEPS) for r in range(1, ROUNDS + 1)]
