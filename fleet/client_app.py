@@ -17,8 +17,12 @@ strategy counts as a failed node for that round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import types
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,22 @@ def node_config(context: Context) -> Config:
         raise ValueError("this SuperNode has no node config 'device-config': start it with "
                          "--node-config 'device-config=\"/etc/hosvd-edge/device.toml\"'")
     return load_config(Path(str(path)))
+
+
+@contextlib.contextmanager
+def bare_main() -> Iterator[None]:
+    """Start ``spawn`` children without this process's ``__main__``.
+
+    A spawned child first re-imports its parent's ``__main__``; in a ClientApp that is Flower's ``flwr-clientapp``
+    script, which imports all of Flower and adds about 100 MiB to every probe and training child (measured:
+    148 MiB instead of 50 MiB). The children need only ``device_app``, so they get an empty ``__main__``.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 class Round:
@@ -161,7 +181,8 @@ def _handle(msg: Message, context: Context, work: str) -> Message:
         content = getattr(Round(msg, context, through_daemon=True), work)()
     else:
         try:
-            content = getattr(Round(msg, context), work)()
+            with bare_main():
+                content = getattr(Round(msg, context), work)()
         finally:
             lock.release()
     return Message(content=content, reply_to=msg)

@@ -60,6 +60,11 @@ class FleetData:
 
 @pytest.fixture(scope="session")
 def fleet_data() -> FleetData:
+    return load_fleet_data()
+
+
+def load_fleet_data() -> FleetData:
+    """The factory digits and the three users' shares (see the module docstring)."""
     data = datasets.load_digits()
     factory_idx, rest = datasets.stratified_split(data.y, (0.4, 0.6), seed=0)
     rest_data = data.subset(rest)
@@ -84,10 +89,15 @@ def fleet_bundle(fleet_data: FleetData, tmp_path_factory: pytest.TempPathFactory
     Built once into ``$HOSVD_TEST_BUNDLES/digits_fleet`` when that is set (and rebuilt when the converter's
     sources or these options change, as :mod:`tests.build_bundles` does), else into a session temp directory.
     """
+    root = os.environ.get("HOSVD_TEST_BUNDLES")
+    return build_fleet_bundle(fleet_data, (Path(root) if root else tmp_path_factory.mktemp("fleet-bundle")))
+
+
+def build_fleet_bundle(fleet_data: FleetData, root: Path) -> Path:
+    """``root/digits_fleet``, converted unless its stamp says it is current."""
     from tests.build_bundles import STAMP, source_digest
 
-    root = os.environ.get("HOSVD_TEST_BUNDLES")
-    out = (Path(root) if root else tmp_path_factory.mktemp("fleet-bundle")) / "digits_fleet"
+    out = root / "digits_fleet"
     spec = json.dumps({"options": FLEET_BUNDLE, "sources": source_digest(), "conftest": _digest(Path(__file__))},
                       sort_keys=True)
     if (out / STAMP).is_file() and (out / STAMP).read_text() == spec:
