@@ -35,6 +35,7 @@ from device_app.jobs import (
     JobRunner,
     TrainOptions,
     fleet_start_weights,
+    install_fleet_weights,
     make_job,
     probe_bundle,
     start_training,
@@ -137,7 +138,7 @@ class Daemon:
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
-            "rollback": self.cmd_rollback, "reload": self.cmd_reload,
+            "rollback": self.cmd_rollback, "reload": self.cmd_reload, "install_fleet": self.cmd_install_fleet,
         }
 
     @property
@@ -464,6 +465,15 @@ class Daemon:
         newest = checkpoint.listing(directory)
         self.publish_status()
         return {"discarded": discarded.name, "global_step": newest[0][0] if newest else 0}
+
+    def cmd_install_fleet(self, req: Request, props: Any) -> dict[str, Any]:
+        """Make the fleet's final global weights (left by the fleet ClientApp) the newest checkpoint."""
+        manifest = self._need_bundle().manifest
+        if self.jobs.kind is not None:
+            raise CommandError(f"busy: cannot install the fleet's weights while a {self.jobs.kind} job runs")
+        path = install_fleet_weights(self.cfg, manifest)
+        self.publish_status()
+        return {"checkpoint": path.name, "global_step": int(path.stem.split("-")[1])}
 
     def cmd_reload(self, req: ReloadRequest, props: Any) -> Deferred:
         if self.jobs.kind is not None:

@@ -71,6 +71,7 @@ class ReloadRequest(Request):
 COMMANDS: dict[str, type[Request]] = {
     "train": TrainRequest, "stop": Request, "evaluate": EvaluateRequest, "status": Request,
     "label": LabelRequest, "collect": CollectRequest, "rollback": Request, "reload": ReloadRequest,
+    "install_fleet": Request,
 }
 
 

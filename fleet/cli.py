@@ -41,6 +41,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
@@ -53,7 +55,8 @@ def run_command(args: argparse.Namespace, flwr_home: Path) -> list[str]:
               "rounds": args.rounds, "strategy": args.strategy, "fraction-train": args.fraction_train,
               "fraction-evaluate": args.fraction_train if args.fraction_evaluate is None else args.fraction_evaluate,
               "min-nodes": args.min_nodes, "local-steps": args.local_steps, "learning-rate": args.learning_rate,
-              "server-learning-rate": args.server_learning_rate, "round-timeout": args.round_timeout}
+              "server-learning-rate": args.server_learning_rate, "round-timeout": args.round_timeout,
+              "install": not args.no_install}
     overrides = [item for key, value in config.items() for item in ("--run-config", f"{key}={_toml(value)}")]
     return [_bin("flwr"), "run", str(APP_DIR), CONNECTION, *overrides, "--stream"]
 
@@ -167,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--learning-rate", type=float, default=0.0, help="device learning rate (0: its config's)")
     run.add_argument("--server-learning-rate", type=float, default=0.1, help="FedAdam's server step (eta)")
     run.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies")
-    run.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's Control API host:port")
+    run.add_argument("--no-install", action="store_true",
+                     help="do not make the final global weights every node's newest checkpoint")
+    run.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address host:port")
     tls = run.add_mutually_exclusive_group()
     tls.add_argument("--root-certificates", help="CA certificate (PEM) of the SuperLink's TLS certificate")
     tls.add_argument("--insecure", action="store_true", help="no TLS (localhost tests only)")

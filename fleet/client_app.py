@@ -10,7 +10,8 @@ bundle check, planner inside ``ram_ceiling_mb``, child process under the RSS wat
 device's daemon holds the lock, the round is a ``train`` request to the daemon instead (:mod:`fleet.daemon_link`):
 the daemon runs it as its job (refusing while another runs) and it shows on MQTT with ``progress`` and ``report``.
 It replies with the trained trainable weights only, the number of training windows and the run's metrics.
-On an ``evaluate`` message it evaluates the received weights on the device's validation windows in a child.
+On an ``evaluate`` message it evaluates the received weights on the device's validation windows in a child; on
+``query.install`` (after the last round) it makes them the device's newest checkpoint.
 A failure (no data, no plan under the ceiling, the state directory busy) becomes Flower's error reply, which the
 strategy counts as a failed node for that round.
 """
@@ -33,7 +34,14 @@ from flwr.clientapp import ClientApp
 from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.config import Config, load_config
-from device_app.jobs import TrainOptions, fleet_start_weights, make_job, run_job, start_training
+from device_app.jobs import (
+    TrainOptions,
+    fleet_start_weights,
+    install_fleet_weights,
+    make_job,
+    run_job,
+    start_training,
+)
 from device_app.memory import rss_bytes
 from device_app.statelock import StateDirBusy, StateLock
 from fleet import daemon_link, weights
@@ -165,6 +173,15 @@ class Round:
         return RecordDict({"metrics": metrics, "node": self.identity("ok")})
 
 
+    def install(self) -> RecordDict:
+        if self.through_daemon:
+            done = daemon_link.request(self.cfg, "install_fleet", {}, self.timeout)
+            step = int(done["global_step"])
+        else:
+            step = int(install_fleet_weights(self.cfg, self.manifest).stem.split("-")[1])
+        return RecordDict({"metrics": MetricRecord({"installed-step": step}), "node": self.identity("installed")})
+
+
 def _handle(msg: Message, context: Context, work: str) -> Message:
     """Run ``work`` holding the state directory's lock, or through the daemon when the daemon holds it.
 
@@ -198,3 +215,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the device's validation windows; reply with loss and accuracy."""
     return _handle(msg, context, "evaluate")
+
+
+@app.query("install")
+def install(msg: Message, context: Context) -> Message:
+    """Make the fleet's final global weights this device's newest checkpoint (personalisation continues from it)."""
+    return _handle(msg, context, "install")

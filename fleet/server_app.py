@@ -6,7 +6,8 @@ Run config (``[tool.flwr.app.config]`` of ``fleet/app/pyproject.toml``, or ``flw
 evaluation; each train reply still carries the received global model's validation accuracy), ``min-nodes``,
 ``local-steps``,
 ``learning-rate`` (0: each device's ``[training]`` setting), ``server-learning-rate`` (FedAdam's ``eta``),
-``round-timeout`` (seconds a round waits for replies) and ``out-dir``.
+``round-timeout`` (seconds a round waits for replies), ``install`` (after the last round, send the final global
+weights to every connected node, which makes them its newest checkpoint) and ``out-dir``.
 
 After every round ``out-dir`` gets the global model as a device checkpoint
 (``checkpoints/ckpt-<round>.npz``: every variable of the bundle, its trainable ones the global weights, loadable
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
@@ -59,6 +60,7 @@ class Settings:
     learning_rate: float = 0.0
     server_learning_rate: float = 0.1
     round_timeout: float = 600.0
+    install: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> Settings:
@@ -74,8 +76,8 @@ class Settings:
                 raise ValueError(f"run config {name.replace('_', '-')!r} is required (hosvd-fleet run "
                                  f"--{name.replace('_', '-')} ...)")
         try:
-            typed = {k: str(v) if k in ("bundle", "out_dir", "strategy") else type(known[k].default)(v)
-                     for k, v in values.items()}
+            typed = {k: str(v) if k in ("bundle", "out_dir", "strategy") else
+                     _boolean(v) if k == "install" else type(known[k].default)(v) for k, v in values.items()}
         except (TypeError, ValueError) as err:
             raise ValueError(f"run config has a value of the wrong type: {err}") from err
         settings = cls(**typed)
@@ -86,6 +88,19 @@ class Settings:
             raise ValueError(f"need rounds >= 1, min-nodes >= 1, 0 < fraction-train <= 1 and 0 <= fraction-evaluate "
                              f"<= 1, got {settings}")
         return settings
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"install must be true or false, got {value!r}")
+
+
+def push_final(grid: Grid, arrays: ArrayRecord, timeout: float) -> list[Message]:
+    """Send the final global weights to every connected node as ``query.install``; return the replies."""
+    messages = [Message(content=RecordDict({"arrays": arrays}), message_type="query.install", dst_node_id=node)
+                for node in grid.get_node_ids()]
+    return list(grid.send_and_receive(messages, timeout=timeout))
 
 
 class Recorder:
@@ -137,6 +152,20 @@ class Recorder:
             self.rows.append({"round": server_round, "device_id": self._node(msg)["device_id"], "phase": "evaluate",
                               **{k: metrics[k] for k in sorted(metrics)}})
         self._write()
+
+    def installed(self, replies: list[Message]) -> list[str]:
+        """Record the ``query.install`` replies; return the devices that installed the final weights."""
+        done = []
+        for msg in replies:
+            entry: dict[str, Any] = {"round": self.settings.rounds, "phase": "install", **self._node(msg)} \
+                if not msg.has_error() else {"round": self.settings.rounds, "phase": "install",
+                                             "node_id": int(msg.metadata.src_node_id), "error": msg.error.reason}
+            if not msg.has_error():
+                entry["metrics"] = dict(msg.content.metric_records.get("metrics", MetricRecord()))
+                done.append(entry["device_id"])
+            self.received.append(entry)
+        self._write()
+        return sorted(done)
 
     def global_weights(self, server_round: int, arrays: ArrayRecord, nodes: int) -> Path:
         """Save the round's global model as a device checkpoint (every variable of the bundle)."""
@@ -244,10 +273,13 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid=grid, initial_arrays=start, num_rounds=settings.rounds,
                             timeout=settings.round_timeout, train_config=train_config,
                             evaluate_config=ConfigRecord({"round-timeout": settings.round_timeout}))
+    installed = recorder.installed(push_final(grid, result.arrays, settings.round_timeout)) \
+        if settings.install and len(result.arrays) else []
     saved = checkpoint.listing(recorder.out / "checkpoints")
     (recorder.out / "result.json").write_text(json.dumps({
         "rounds": settings.rounds, "rounds_aggregated": sorted(step for step, _ in saved),
         "strategy": settings.strategy, "final_checkpoint": str(saved[0][1]) if saved else None,
+        "installed_on": installed,
         "trainable_bytes": weights.nbytes(weights.trainable(manifest, initial)),
         "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}}, indent=1,

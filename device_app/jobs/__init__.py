@@ -14,6 +14,7 @@ from device_app.jobs.start import (
                                    TrainingRun,
                                    TrainOptions,
                                    fleet_start_weights,
+    install_fleet_weights,
                                    make_job,
                                    probe_bundle,
                                    resume_point,
@@ -22,4 +23,5 @@ from device_app.jobs.start import (
 from device_app.jobs.watch import ChildError, ChildRun, run_job
 
 __all__ = ["Busy", "ChildError", "ChildRun", "Job", "JobKind", "JobRunner", "TrainOptions", "TrainingRun",
-           "fleet_start_weights", "make_job", "probe_bundle", "resume_point", "run_job", "start_training"]
+           "fleet_start_weights", "install_fleet_weights", "make_job", "probe_bundle", "resume_point", "run_job",
+           "start_training"]

@@ -92,6 +92,15 @@ def test_three_devices_learn_one_model_without_sharing_windows(
     final = checkpoint.read(newest[0][1])
     assert set(final.weights) == {w.name for w in manifest.weights}  # a whole device checkpoint
 
+    # the final global weights went back to every device as its newest checkpoint (anna's through her daemon)
+    assert json.loads((out / "result.json").read_text())["installed_on"] == sorted(u.name for u in fleet_data.users)
+    for user in fleet_data.users:
+        device = load_config(tmp_path / "devices" / f"{user.name}.toml")
+        mine = checkpoint.latest(checkpoint.bundle_dir(device.checkpoints_dir, manifest.sha256))
+        assert mine is not None and mine.step == ROUNDS * LOCAL_STEPS + 1 and mine.meta["source"] == "fleet"
+        for name in trainable:
+            np.testing.assert_array_equal(mine.weights[name], final.weights[name])
+
     bundle = Bundle(fleet_bundle, num_threads=1)
     initial = bundle.get_weights()
     factory = accuracy(bundle, initial, fleet_data)
