@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.cli import NodeConfig
+from fleet.cli import NodeConfig, main
 from tests.device.test_unit_file import parse_unit, systemd_analyze
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,3 +81,13 @@ def test_systemd_accepts_the_unit_and_rates_its_exposure_at_most_2_5(tmp_path: P
                               capture_output=True, text=True, timeout=120, check=False)
     match = re.search(r"Overall exposure level for hosvd-fleet\.service: (\d+\.\d+)", security.stdout)
     assert match and float(match.group(1)) <= 2.5, security.stdout + security.stderr
+
+
+def test_run_refuses_a_non_bundle_and_a_missing_tls_choice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"), "--insecure"]) == 2
+    assert "is not a bundle (no manifest.json)" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["run", "--bundle", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "give --root-certificates CA.pem (TLS) or --insecure" in capsys.readouterr().err
+    assert main(["supernode", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err
