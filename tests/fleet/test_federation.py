@@ -123,6 +123,7 @@ def _store_state(db: Path) -> tuple[str, list[tuple]]:
 
 def test_a_node_killed_mid_round_does_not_stop_the_federation_and_rejoins(
         federation: Federation, fleet_data: FleetData, fleet_bundle: Path, tmp_path: Path) -> None:
+    """Two rounds of FedAdam, min nodes 2; chen is SIGKILLed when round 1 reaches it and started again."""
     configs = {}
     for user in fleet_data.users:
         configs[user.name] = write_device(tmp_path / "devices", user.name, fleet_bundle, user, LOCAL_STEPS)
@@ -130,7 +131,7 @@ def test_a_node_killed_mid_round_does_not_stop_the_federation_and_rejoins(
     victim = load_config(configs["chen"])
     store_before = _store_state(victim.db_path)
     out = tmp_path / "out"
-    run = federation.start_run(fleet_bundle, out, rounds=2, min_nodes=2, local_steps=LOCAL_STEPS,
+    run = federation.start_run(fleet_bundle, out, rounds=2, min_nodes=2, local_steps=LOCAL_STEPS, strategy="fedadam",
                                fraction_evaluate=0, round_timeout=30)
     started = victim.state_dir / "fleet" / "global.npz"  # written when a round reaches the node, before training
     wait_until(started.exists, timeout=120, what="round 1 reaching chen", detail=federation.logs)
@@ -149,6 +150,12 @@ def test_a_node_killed_mid_round_does_not_stop_the_federation_and_rejoins(
     assert (1, "chen") not in ok  # killed before it could reply
     assert (2, "chen") in ok  # back for the next round, on the same store and checkpoints
     assert [step for step, _ in checkpoint.listing(out / "checkpoints")] == [2, 1]
+    # FedAdam (server-side Adam on the averaged update) moved the global model, to finite values
+    assert json.loads((out / "result.json").read_text())["strategy"] == "fedadam"
+    first, last = (checkpoint.read(p).weights for _, p in sorted(checkpoint.listing(out / "checkpoints")))
+    names = weights.trainable_specs(load_manifest(fleet_bundle))
+    assert all(np.isfinite(last[k]).all() for k in names)
+    assert any(not np.array_equal(first[k], last[k]) for k in names)
     assert _store_state(victim.db_path) == store_before
     newest = checkpoint.latest(ckpt_dir)
     assert newest is not None and newest.meta["bundle_sha256"] == load_manifest(fleet_bundle).sha256
