@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from device_app.config import NAME_PATTERN
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "hosvd-fleet"
@@ -99,6 +102,7 @@ class NodeConfig:
     auth_private_key: str | None = None
     auth_public_key: str | None = None
     runtime_port: int = 9094
+    bundle: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -120,6 +124,9 @@ class NodeConfig:
         cfg = cls(**data)
         if not cfg.insecure and not cfg.root_certificates:
             raise ValueError(f"{path}: set root_certificates (the SuperLink's CA, PEM) or insecure = true")
+        if cfg.bundle is not None and not re.fullmatch(NAME_PATTERN, cfg.bundle):
+            raise ValueError(f"{path}: bundle must be a plain bundle name inside the bundles directory, got "
+                             f"{cfg.bundle!r}")
         if bool(cfg.auth_private_key) != bool(cfg.auth_public_key):
             raise ValueError(f"{path}: auth_private_key and auth_public_key go together")
         for key in ("device_config", "root_certificates", "auth_private_key", "auth_public_key"):
@@ -135,7 +142,8 @@ class NodeConfig:
 
         cmd = [_bin("flower-supernode"), "--superlink", self.superlink, "--host", "127.0.0.1",
                "--port", str(self.runtime_port),
-               "--node-config", f"device-config={_toml(path(self.device_config))}"]
+               "--node-config", f"device-config={_toml(path(self.device_config))}"
+               + (f" bundle={_toml(self.bundle)}" if self.bundle else "")]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", path(str(self.root_certificates))]
         if self.auth_private_key and self.auth_public_key:
             cmd += ["--auth-supernode-private-key", path(self.auth_private_key),

@@ -1,7 +1,8 @@
 """The ClientApp a SuperNode runs for one device: a fleet round is a training job like an MQTT ``train``.
 
 Node config (``flower-supernode --node-config 'device-config="/etc/hosvd-edge/device.toml"'``): the device's
-config file, which names its state directory (store, checkpoints, bundles), bundle and ``[training]`` settings.
+config file, which names its state directory (store, checkpoints, bundles), bundle and ``[training]`` settings;
+optionally ``bundle="name"``, the bundle (inside the bundles directory) the fleet trains instead of ``[model]``'s.
 
 On a ``train`` message the app writes the global trainable weights it received to
 ``<state_dir>/fleet/global.npz`` and takes the state directory's lock (so a round never runs beside a
@@ -102,7 +103,9 @@ class Round:
         self.cfg = node_config(context)
         self.through_daemon = through_daemon
         self.config = msg.content.config_records.get("config", ConfigRecord())
-        self.bundle_path = resolve_bundle(self.cfg.bundles_dir, self.cfg.model.bundle)
+        # the node config's bundle (fleet.toml `bundle`), else the device config's [model] bundle
+        self.bundle_name = str(context.node_config.get("bundle") or self.cfg.model.bundle)
+        self.bundle_path = resolve_bundle(self.cfg.bundles_dir, self.bundle_name)
         self.manifest = load_manifest(self.bundle_path)
         received = msg.content.array_records.get("arrays")
         if received is None:
@@ -130,9 +133,9 @@ class Round:
                                          self.timeout, report=True)
             if report.get("sha256") != self.manifest.sha256:
                 raise RuntimeError(f"the daemon on {self.cfg.device.id} trained bundle {report.get('bundle')} "
-                                   f"({str(report.get('sha256'))[:12]}…), not {self.cfg.model.bundle}: reload it")
+                                   f"({str(report.get('sha256'))[:12]}…), not {self.bundle_name}: reload it")
         else:
-            report = start_training(self.cfg, options, bundle_name=self.cfg.model.bundle,
+            report = start_training(self.cfg, options, bundle_name=self.bundle_name,
                                     expected_sha256=self.manifest.sha256).wait()
         if report["status"] == "error":
             raise RuntimeError(f"training on {self.cfg.device.id} failed: {report['error']}")

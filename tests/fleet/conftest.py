@@ -188,10 +188,12 @@ class Federation:
         self.procs["superlink"] = Proc("superlink", cmd, self.root / "superlink.log").start(self.env)
         wait_port(self.port, timeout=60)
 
-    def node_config(self, name: str, device_config: Path) -> Path:
+    def node_config(self, name: str, device_config: Path, bundle: str | None = None) -> Path:
+        """A ``fleet.toml`` for one device (``bundle``: the fleet's bundle, else the device config's)."""
         path = self.root / f"{name}-fleet.toml"
         path.write_text(f"device_config = {json.dumps(str(device_config))}\nsuperlink = {json.dumps(self.address)}\n"
-                        f"insecure = true\nruntime_port = {free_port()}\n")
+                        f"insecure = true\nruntime_port = {free_port()}\n"
+                        + (f"bundle = {json.dumps(bundle)}\n" if bundle else ""))
         return path
 
     def start_daemon(self, name: str, device_config: Path) -> Proc:

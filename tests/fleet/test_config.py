@@ -30,14 +30,14 @@ def write(directory: Path, text: str, *files: str) -> Path:
 
 def test_the_example_starts_a_tls_supernode_for_the_device(tmp_path: Path) -> None:
     text = EXAMPLE.read_text().replace("# auth_private_key", "auth_private_key").replace(
-        "# auth_public_key", "auth_public_key")
+        "# auth_public_key", "auth_public_key").replace('# bundle = "digits"', 'bundle = "digits"')
     path = write(tmp_path, text, "device.toml", "fleet-ca.pem", "fleet-node.key", "fleet-node.pub")
     cmd = NodeConfig.load(path).command(tmp_path)
     assert cmd[0].endswith("flower-supernode")
     args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
     assert args["--superlink"] == "fleet.example.org:8000"
     assert args["--root-certificates"] == str(tmp_path / "fleet-ca.pem")
-    assert args["--node-config"] == f'device-config="{tmp_path / "device.toml"}"'
+    assert args["--node-config"] == f'device-config="{tmp_path / "device.toml"}" bundle="digits"'
     assert args["--auth-supernode-private-key"] == str(tmp_path / "fleet-node.key")
     assert args["--auth-supernode-public-key"] == str(tmp_path / "fleet-node.pub")
     assert args["--host"] == "127.0.0.1" and args["--port"] == "9094"
@@ -52,6 +52,8 @@ def test_the_example_starts_a_tls_supernode_for_the_device(tmp_path: Path) -> No
     ('device_config = "d.toml"\nsuperlink = "a:1"\ninsecure = true\nauth_private_key = "k"\n', ["d.toml", "k"],
      "auth_private_key and auth_public_key go together"),
     ('device_config = "d.toml"\nsuperlink = \n', [], "fleet.toml"),
+    ('device_config = "d.toml"\nsuperlink = "a:1"\ninsecure = true\nbundle = "../x"\n', ["d.toml"],
+     "bundle must be a plain bundle name"),
 ])
 def test_a_bad_fleet_config_is_refused_naming_the_problem(tmp_path: Path, text: str, files: list[str],
                                                           message: str) -> None:

@@ -50,7 +50,9 @@ def test_three_devices_learn_one_model_without_sharing_windows(
             mqtt = Client(broker.port, "hosvd-edge/anna")
             federation.start_daemon("anna", config)
             mqtt.wait("status", lambda p: isinstance(p, dict) and p.get("state") == "idle", timeout=90)
-        federation.start_node(user.name, federation.node_config(user.name, config))
+        # ben's fleet.toml names the bundle (the same one) instead of leaving it to his device config
+        bundle = fleet_bundle.name if user.name == "ben" else None
+        federation.start_node(user.name, federation.node_config(user.name, config, bundle))
     out = tmp_path / "out"
     federation.run(fleet_bundle, out, timeout=300, rounds=ROUNDS, min_nodes=3, local_steps=LOCAL_STEPS)
     assert federation.procs["anna-daemon"].proc.poll() is None  # the daemon kept running beside the rounds
