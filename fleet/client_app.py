@@ -82,7 +82,7 @@ def bare_main() -> Iterator[None]:
 
     A spawned child first re-imports its parent's ``__main__``; in a ClientApp that is Flower's ``flwr-clientapp``
     script, which imports all of Flower and adds about 100 MiB to every probe and training child (measured:
-    148 MiB instead of 50 MiB). The children need only ``device_app``, so they get an empty ``__main__``.
+    148 MiB instead of 60 MiB). The children need only ``device_app``, so they get an empty ``__main__``.
     """
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
