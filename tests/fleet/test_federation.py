@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,6 @@ import numpy as np
 from device_app import checkpoint
 from device_app.bundle import Bundle
 from device_app.config import load_config
-from device_app.jobs import TrainOptions, start_training
 from fleet import weights
 from hosvd_contract import load_manifest
 from tests.device.conftest import Broker, Client, wait_until
@@ -29,15 +30,18 @@ def accuracy(bundle: Bundle, full: weights.Arrays, data: FleetData) -> list[floa
 
 
 def train_alone(root: Path, bundle_dir: Path, data: FleetData, steps: int) -> dict[str, weights.Arrays]:
-    """Each device training by itself from the factory weights for ``steps`` steps (the same code path)."""
+    """Each device training by itself from the factory weights for ``steps`` steps: ``hosvd-device train`` on a
+    fresh copy of its state directory (the same planner, ceiling and child)."""
     trained = {}
     for user in data.users:
-        cfg = load_config(write_device(root, user.name, bundle_dir, user, steps))
-        report = start_training(cfg, TrainOptions(steps=steps)).wait()
-        assert report["status"] == "ok", report
-        sha = load_manifest(bundle_dir).sha256
-        trained[user.name] = checkpoint.read(checkpoint.bundle_dir(cfg.checkpoints_dir, sha) /
-                                             report["checkpoint"]).weights
+        config = write_device(root, user.name, bundle_dir, user, steps)
+        done = subprocess.run([sys.executable, "-m", "device_app", "train", "--config", str(config), "--steps",
+                               str(steps)], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        cfg = load_config(config)
+        newest = checkpoint.latest(checkpoint.bundle_dir(cfg.checkpoints_dir, load_manifest(bundle_dir).sha256))
+        assert newest is not None and newest.step == steps
+        trained[user.name] = newest.weights
     return trained
 
 
