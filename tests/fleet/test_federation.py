@@ -138,7 +138,7 @@ def test_a_node_killed_mid_round_does_not_stop_the_federation_and_rejoins(
     store_before = _store_state(victim.db_path)
     out = tmp_path / "out"
     run = federation.start_run(fleet_bundle, out, rounds=2, min_nodes=2, local_steps=LOCAL_STEPS, strategy="fedadam",
-                               fraction_evaluate=0, round_timeout=30)
+                               fraction_evaluate=0, round_timeout=45)
     started = victim.state_dir / "fleet" / "global.npz"  # written when a round reaches the node, before training
     wait_until(started.exists, timeout=120, what="round 1 reaching chen", detail=federation.logs)
     killed = federation.procs["chen"].kill()
