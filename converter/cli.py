@@ -10,6 +10,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+CHOICES = ("auto", "sparse_categorical_crossentropy", "categorical_crossentropy", "mse")  # converter.losses.CHOICES
+
 
 def _batch_sizes(text: str) -> list[int]:
     try:
@@ -46,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
     conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
     conv.add_argument("--labels", help="comma-separated class names")
-    conv.add_argument("--loss", default="auto", choices=["auto", "sparse_categorical_crossentropy", "mse"])
+    conv.add_argument("--loss", default="auto", choices=CHOICES,
+                      help="auto (default): the loss the .keras model was compiled with, else cross-entropy if it "
+                           "ends in softmax, else an error; cross-entropy on a model without a final softmax "
+                           "trains its logits (from_logits=True) and infer still returns probabilities")
     conv.add_argument("--micro-batch", type=int, default=1, help="prefix micro-batch of the measured streamed plan")
     conv.add_argument("--no-measure", action="store_true", help="skip measuring peak RSS on ai-edge-litert")
 

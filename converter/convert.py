@@ -25,7 +25,7 @@ from converter.errors import ConversionError
 from converter.export import op_census, to_tflite
 from converter.graph import Graph, Split, parse_model, split
 from converter.layers import module_for
-from converter.losses import Loss
+from converter.losses import Loss, choose_loss, saved_compile_loss
 from converter.measure import measure
 from converter.optimizers import OptimizerConfig, OptimizerName
 from hosvd_contract import (
@@ -48,8 +48,8 @@ SOURCE_MODEL = "source.keras"  # the converted Keras model, kept for ``hosvd-con
 STAGES = ("parse", "calibrate", "build", "convert", "write", "measure")
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one.
+def model_file(path: str | os.PathLike) -> Path:
+    """The ``.keras``/``.h5`` file at ``path``, or the first one in the directory ``path``.
 
     Raises:
         ConversionError: missing file, or a bare TF SavedModel (it has no Keras layer structure to train).
@@ -64,7 +64,13 @@ def load_model(path: str | os.PathLike) -> keras.Model:
         path = candidates[0]
     if not path.exists():
         raise ConversionError(f"model file {path} does not exist")
-    return keras.models.load_model(path, compile=False)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """A Keras model (uncompiled) from a ``.keras``/``.h5`` file, or from a directory holding one (see
+    :func:`model_file`)."""
+    return keras.models.load_model(model_file(path), compile=False)
 
 
 def _default_layout(shape: tuple[int, ...]) -> str:
@@ -167,7 +173,9 @@ def convert(
         labels: class names (default ``class_0``…).
         input_spec: extra :class:`~hosvd_contract.InputSpec` fields (``layout``, ``mean``, ``std``,
             ``channels``, ``rate_hz``).
-        loss: ``auto`` (cross-entropy after a final softmax, else MSE), ``sparse_categorical_crossentropy``, ``mse``.
+        loss: ``auto`` (the model's compiled loss, else cross-entropy after a final softmax, else an error),
+            ``sparse_categorical_crossentropy`` / ``categorical_crossentropy`` (on logits when the model has no
+            final softmax; labels are class indices either way), ``mse``. See :func:`converter.losses.choose_loss`.
         micro_batch: micro-batch of the frozen prefix in the measured ``streamed`` plan.
         measure_memory: run each train signature once on ai-edge-litert in a child process and record its RSS.
         progress: optional callable ``(stage: str) -> None`` called as each stage starts.
@@ -192,15 +200,13 @@ def convert(
         raise ConversionError(f"--epsilon must be in (0, 1], got {epsilon}")
 
     notify("parse")
-    if not isinstance(model, keras.Model):
-        model = load_model(model)
+    if isinstance(model, keras.Model):
+        compiled_loss = model.loss if getattr(model, "compiled", False) else None
+    else:
+        model, compiled_loss = load_model(model), saved_compile_loss(model_file(model))
     graph = parse_model(model)
     sp = split(graph, train_last)
-    loss_kind = Loss.CROSSENTROPY if graph.final_softmax else Loss.MSE
-    if loss != "auto":
-        loss_kind = Loss(loss)
-    if loss_kind == Loss.CROSSENTROPY and not graph.final_softmax:
-        raise ConversionError("cross-entropy needs a model that ends in softmax (the converter trains on its logits)")
+    loss_kind = choose_loss(loss, graph.final_softmax, compiled_loss)
 
     notify("calibrate")
     default_batch = batch_sizes[0]

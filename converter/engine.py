@@ -134,7 +134,7 @@ class TrainingModule(tf.Module):
         return tensors[self.graph.output]
 
     def _outputs(self, logits: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(logits) if self.graph.final_softmax else logits
+        return tf.nn.softmax(logits) if self.loss == Loss.CROSSENTROPY else logits  # probabilities, logits or not
 
     def evaluate_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         loss, _, correct = LOSSES[self.loss](self._suffix_inference(features), y)
