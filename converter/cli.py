@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                            "are sized from the measured ε-ranks below it")
     conv.add_argument("--subspace-iters", type=int, default=1,
                       help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt (default 1)")
+    conv.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                      help="hosvd: start every step's subspace iteration cold instead of from the previous bases")
+    conv.add_argument("--oversample", type=int, default=0, metavar="P",
+                      help="hosvd: columns iterated beyond each static rank, not saved (default 0)")
     conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
     conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
     conv.add_argument("--labels", help="comma-separated class names")
@@ -117,6 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
             args.model, args.out, train_last=args.train_last, compression=args.compression, epsilon=args.epsilon,
             batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, max_rank=args.max_rank, subspace_iters=args.subspace_iters,
+            warm_start=args.warm_start, oversample=args.oversample,
             calibration_data=None if calibration is None else np.asarray(calibration),
             ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure, progress=progress)

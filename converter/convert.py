@@ -145,6 +145,8 @@ def convert(
     weight_decay: float = 0.0,
     max_rank: int = 32,
     subspace_iters: int = 1,
+    warm_start: bool = True,
+    oversample: int = 0,
     calibration_data: np.ndarray | None = None,
     ram_budget_mb: float | None = None,
     labels: Sequence[str] | None = None,
@@ -168,6 +170,9 @@ def convert(
         max_rank: cap on the static rank per mode for ``svd``/``hosvd``/``asi``; with calibration data the
             static ranks of ``svd``/``hosvd`` are sized from the measured ε-ranks, below this cap.
         subspace_iters: subspace-iteration steps per mode for ``svd``/``hosvd``.
+        warm_start: ``hosvd``: start each step's iteration from the previous step's bases (kept in variables;
+            the first step starts cold, or from the calibration data's bases); the batch mode always starts cold.
+        oversample: ``hosvd``: columns iterated beyond each static rank (sharper bases, not saved).
         calibration_data: representative inputs (N, ...) for ``asi`` ranks and the reported ε-ranks.
         ram_budget_mb: for ``asi``: the budget of all saved activations; ε is lowered until it fits.
         labels: class names (default ``class_0``…).
@@ -244,7 +249,8 @@ def convert(
 
     notify("build")
     opt_cfg = OptimizerConfig(name=opt_name, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
-    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters)
+    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters,
+                                   warm_start=warm_start, oversample=oversample)
     module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes, static_ranks, activations)
 
     notify("convert")
@@ -262,6 +268,8 @@ def convert(
     spec_fields = dict(shape=list(graph.input_shape), layout=_default_layout(graph.input_shape))
     spec_fields |= input_spec or {}
     comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
+    if method == Method.HOSVD:
+        comp |= {"warm_start": warm_start, "oversample": oversample}
     if method == Method.ASI:
         comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb}
     manifest = Manifest(

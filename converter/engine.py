@@ -35,6 +35,8 @@ class CompressionSettings:
     epsilon: float = 0.8
     max_rank: int = 32
     iters: int = 1
+    warm_start: bool = True  # hosvd: start each step's subspace iteration from the previous step's bases
+    oversample: int = 0  # hosvd: extra iteration columns beyond the static rank (not saved)
 
 
 def weight_name(layer: str, role: str) -> str:
@@ -103,16 +105,20 @@ class TrainingModule(tf.Module):
                                                                              strict=True)]
         else:
             ranks = max_ranks(shape, c.max_rank, method_cls.modes)
-        if method_cls is not None:
-            return method_cls(shape, c.epsilon, ranks, c.iters)
         suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
-        calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
-        asi = Asi(shape, ranks, calib, name=weight_name(node.layer, "asi") + suffix)
-        for role, var in asi.variables().items():
+        name = weight_name(node.layer, c.method.value) + suffix
+        if method_cls is not None:
+            calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
+            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib,
+                                    warm=c.warm_start, oversample=c.oversample)
+        else:
+            calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
+            compressor = Asi(shape, ranks, calib, name=name)
+        for role, var in compressor.variables().items():
             self._vars.append(var)
             self.weight_specs.append(WeightSpec(name=var.name.split(":")[0], layer=node.layer, role=role,
                                                 shape=list(var.shape)))
-        return asi
+        return compressor
 
     # -- graph pieces -------------------------------------------------------------------------------------
     def _params(self, node: Node) -> dict:

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from converter import ops
 from converter.compression.factored import Factored, project, tucker_elements
-from converter.compression.ranks import mode_basis, mode_spectrum, rank_from_energy
-from converter.compression.subspace import orthonormalize, start_matrix
+from converter.compression.ranks import mode_spectrum, rank_from_energy
+from converter.compression.subspace import WarmBases, orthonormalize
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +82,18 @@ class Asi:
                  name: str):
         self.shape = shape
         self.ranks = ranks
-        self.bases: list[tf.Variable | None] = []
-        for mode, rank in enumerate(ranks):
-            if rank is None:
-                self.bases.append(None)
-                continue
-            if calibration is not None:
-                init = mode_basis(calibration, mode, rank)
-            else:
-                init = np.linalg.qr(start_matrix(shape[mode], rank, seed=mode))[0].astype(np.float32)
-            self.bases.append(tf.Variable(init, name=f"{name}_basis_mode{mode}"))
+        self.warm = WarmBases(shape, ranks, name, calibration)
 
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
-        factors: list[tf.Tensor | None] = []
+        factors: list[tf.Tensor | None] = [None] * len(self.shape)
         updates = []
-        for mode, basis in enumerate(self.bases):
-            if basis is None:
-                factors.append(None)
-                continue
-            q = orthonormalize(gram_times(x, mode, basis))
-            updates.append(basis.assign(q))
-            factors.append(q)
+        for mode in self.warm.bases:
+            factors[mode] = orthonormalize(gram_times(x, mode, self.warm.start(mode)))
+            updates.append(self.warm.update(mode, factors[mode]))
         return project(x, tuple(factors)), updates
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:
         return tucker_elements(self.shape, tuple(self.ranks if ranks is None else ranks))
 
     def variables(self) -> dict[str, tf.Variable]:
-        return {f"compression:basis_mode{m}": v for m, v in enumerate(self.bases) if v is not None}
+        return self.warm.variables()
