@@ -23,6 +23,7 @@ from converter.compression.ranks import eps_ranks
 from converter.engine import COMPRESSIBLE, CompressionSettings, TrainingModule, saved_shape
 from converter.errors import ConversionError
 from converter.export import op_census, to_tflite
+from converter.gradient_error import gradient_errors
 from converter.graph import Graph, Split, parse_model, split
 from converter.layers import module_for
 from converter.losses import Loss, choose_loss, saved_compile_loss
@@ -83,7 +84,8 @@ def _full_ranks(ranks: list[int | None], shape: tuple[int, ...]) -> list[int]:
 
 
 def _layer_infos(graph: Graph, sp: Split, module: TrainingModule, batch: int,
-                 calibrated: dict[str, list[int | None]]) -> list[LayerInfo]:
+                 calibrated: dict[str, list[int | None]],
+                 asi_choice: dict[str, tuple[float, float | None]]) -> list[LayerInfo]:
     infos = []
     for node in graph.nodes:
         info = dict(name=node.name, type=node.keras_type, trainable=node.trainable, output_shape=list(node.out_shape))
@@ -99,6 +101,8 @@ def _layer_infos(graph: Graph, sp: Split, module: TrainingModule, batch: int,
                              saved_bytes_compressed=4 * compressor.saved_elements(ranks))
                 if compressor.method in ("hosvd", "svd"):
                     info["epsilon"] = module.compression.epsilon
+                if node.name in asi_choice:
+                    info["epsilon"], info["gradient_error"] = asi_choice[node.name]
             else:
                 info["compression"] = "none"
         infos.append(LayerInfo(**info))
@@ -174,7 +178,9 @@ def convert(
             the first step starts cold, or from the calibration data's bases); the batch mode always starts cold.
         oversample: ``hosvd``: columns iterated beyond each static rank (sharper bases, not saved).
         calibration_data: representative inputs (N, ...) for ``asi`` ranks and the reported ε-ranks.
-        ram_budget_mb: for ``asi``: the budget of all saved activations; ε is lowered until it fits.
+        ram_budget_mb: for ``asi``: the budget of all saved activations; when ε does not fit, each layer takes
+            the candidate ε that minimises the summed gradient error measured on the calibration data (a knapsack,
+            :func:`converter.compression.asi.choose_ranks`).
         labels: class names (default ``class_0``…).
         input_spec: extra :class:`~hosvd_contract.InputSpec` fields (``layout``, ``mean``, ``std``,
             ``channels``, ``rate_hz``).
@@ -227,17 +233,22 @@ def convert(
         log.warning("asi without calibration data: ranks and bases come from random inputs; pass "
                     "--calibration-data for realistic ranks")
         rng = np.random.default_rng(0)
-        activations = saved_activations(graph, sp, rng.random((default_batch, *graph.input_shape), np.float32),
-                                        default_batch)
+        calibration_data = rng.random((default_batch, *graph.input_shape), np.float32)
+        activations = saved_activations(graph, sp, calibration_data, default_batch)
     static_ranks, used_eps = None, epsilon
     calibrated: dict[str, list[int | None]] = {}
+    asi_choice: dict[str, tuple[float, float | None]] = {}
     if method == Method.ASI and compressed_nodes:
         budget = None if ram_budget_mb is None else int(ram_budget_mb * 2**20)
+        errors = gradient_errors(graph, sp, loss_kind, calibration_data, default_batch, compressed_nodes)
         try:
-            ranks, used_eps = choose_ranks([activations[n.name] for n in compressed_nodes], epsilon, budget, max_rank)
+            plan = choose_ranks([activations[n.name] for n in compressed_nodes], epsilon, budget, max_rank, errors)
         except ValueError as err:
             raise ConversionError(str(err)) from None
-        static_ranks = {n.name: r for n, r in zip(compressed_nodes, ranks, strict=True)}
+        used_eps = min(plan.epsilons)
+        static_ranks = {n.name: r for n, r in zip(compressed_nodes, plan.ranks, strict=True)}
+        asi_choice = {n.name: (e, err) for n, e, err in zip(compressed_nodes, plan.epsilons, plan.errors,
+                                                             strict=True)}
         calibrated = dict(static_ranks)
     elif activations and method in (Method.HOSVD, Method.SVD):
         modes = (0, 1, 2, 3) if method == Method.HOSVD else (0,)
@@ -271,7 +282,8 @@ def convert(
     if method == Method.HOSVD:
         comp |= {"warm_start": warm_start, "oversample": oversample}
     if method == Method.ASI:
-        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb}
+        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb,
+                 "selection": plan.selection if compressed_nodes else "eps"}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_name=model.name,
@@ -288,7 +300,7 @@ def convert(
         train_signatures=[TrainSignature(b, Sig.train_name(b, default_batch),
                                          Sig.train_name(b, default_batch, from_features=True)) for b in batch_sizes],
         weights=list(module.weight_specs),
-        layers=_layer_infos(graph, sp, module, default_batch, calibrated),
+        layers=_layer_infos(graph, sp, module, default_batch, calibrated, asi_choice),
         op_census=op_census(flatbuffer),
         versions={"hosvd_edge": converter.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                   "convert_seconds": f"{convert_seconds:.1f}"},

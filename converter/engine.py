@@ -159,13 +159,7 @@ class TrainingModule(tf.Module):
             state_updates.extend(updates)
             return factored
 
-        training = ForwardContext(training=True, compress=compress)
-        needs_grad = self.split.needs_grad
-        tensors = {self.split.features: features}
-        saved = self._run(self.split.suffix, tensors,
-                          lambda node: training if node.output in needs_grad else INFERENCE)
-        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
-        weight_grads = self._backward(saved, dlogits)
+        loss, correct, weight_grads = self.gradients(features, y, compress)
         step = self.step + 1.0
         updates = [self.step.assign(step), *state_updates]
         lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
@@ -175,6 +169,17 @@ class TrainingModule(tf.Module):
                                  lr, step)
         with tf.control_dependencies(updates):
             return {Sig.LOSS: tf.identity(loss), Sig.CORRECT: tf.identity(correct)}
+
+    def gradients(self, features: tf.Tensor, y: tf.Tensor, compress) -> tuple[tf.Tensor, tf.Tensor, dict]:
+        """Forward the suffix saving each compressible input as ``compress(node, x) -> Factored`` says, the loss,
+        and the backward pass: ``(loss, correct, weight gradients by node and role)``."""
+        training = ForwardContext(training=True, compress=compress)
+        needs_grad = self.split.needs_grad
+        tensors = {self.split.features: features}
+        saved = self._run(self.split.suffix, tensors,
+                          lambda node: training if node.output in needs_grad else INFERENCE)
+        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
+        return loss, correct, self._backward(saved, dlogits)
 
     def _backward(self, saved: dict, dlogits: tf.Tensor) -> dict[str, dict[str, tf.Tensor]]:
         needs_grad = self.split.needs_grad

@@ -21,7 +21,8 @@ def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> 
 
 
 def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None], iters: int,
-          keep: list[int | None] | None = None) -> tuple[Factored, tf.Tensor, list[tf.Tensor | None]]:
+          keep: list[int | None] | None = None,
+          batch_iters: int | None = None) -> tuple[Factored, tf.Tensor, list[tf.Tensor | None]]:
     """Truncated HOSVD of a (B, H, W, C) tensor.
 
     Args:
@@ -30,6 +31,7 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
         starts: per mode a (I_n, W_n) start matrix (fixed, or the previous step's basis), or None to keep that
             mode whole.
         iters: subspace-iteration steps per mode.
+        batch_iters: steps for the batch mode instead (default ``iters``): it starts cold at every step.
         keep: per mode the static rank R_n ≤ W_n of the saved factor (default W_n); the W_n - R_n extra columns
             oversample the iteration, which converges at the ratio λ_{W+1}/λ_k instead of λ_{R+1}/λ_k.
 
@@ -48,7 +50,8 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
             bases.append(None)
             ranks.append(tf.constant(x.shape[mode], tf.int32))
             continue
-        q, lam = leading_eigvecs(ops.gram(x, mode), start, iters)
+        steps = batch_iters if (mode == BATCH and batch_iters is not None) else iters
+        q, lam = leading_eigvecs(ops.gram(x, mode), start, steps)
         bases.append(q)
         rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
         mask, k = eps_mask(lam[:rank], total, eps)
