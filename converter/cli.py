@@ -47,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt (default 1)")
     conv.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                       help="hosvd: start every step's subspace iteration cold instead of from the previous bases")
-    conv.add_argument("--oversample", type=int, default=0, metavar="P",
-                      help="hosvd: columns iterated beyond each static rank, not saved (default 0)")
+    conv.add_argument("--oversample", type=int, default=4, metavar="P",
+                      help="hosvd: columns iterated beyond each static rank, not saved (default 4)")
+    conv.add_argument("--batch-mode-iters", type=int, default=3, metavar="N",
+                      help="hosvd: subspace-iteration steps of the batch mode, which starts cold at every step "
+                           "(default 3)")
     conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
     conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
     conv.add_argument("--labels", help="comma-separated class names")
@@ -121,7 +124,7 @@ def _convert(args: argparse.Namespace) -> int:
             args.model, args.out, train_last=args.train_last, compression=args.compression, epsilon=args.epsilon,
             batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, max_rank=args.max_rank, subspace_iters=args.subspace_iters,
-            warm_start=args.warm_start, oversample=args.oversample,
+            warm_start=args.warm_start, oversample=args.oversample, batch_iters=args.batch_mode_iters,
             calibration_data=None if calibration is None else np.asarray(calibration),
             ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure, progress=progress)

@@ -150,7 +150,8 @@ def convert(
     max_rank: int = 32,
     subspace_iters: int = 1,
     warm_start: bool = True,
-    oversample: int = 0,
+    oversample: int = 4,
+    batch_iters: int = 3,
     calibration_data: np.ndarray | None = None,
     ram_budget_mb: float | None = None,
     labels: Sequence[str] | None = None,
@@ -177,6 +178,7 @@ def convert(
         warm_start: ``hosvd``: start each step's iteration from the previous step's bases (kept in variables;
             the first step starts cold, or from the calibration data's bases); the batch mode always starts cold.
         oversample: ``hosvd``: columns iterated beyond each static rank (sharper bases, not saved).
+        batch_iters: ``hosvd``: subspace-iteration steps of the batch mode (cold at every step; B × B, cheap).
         calibration_data: representative inputs (N, ...) for ``asi`` ranks and the reported ε-ranks.
         ram_budget_mb: for ``asi``: the budget of all saved activations; when ε does not fit, each layer takes
             the candidate ε that minimises the summed gradient error measured on the calibration data (a knapsack,
@@ -261,7 +263,7 @@ def convert(
     notify("build")
     opt_cfg = OptimizerConfig(name=opt_name, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
     settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters,
-                                   warm_start=warm_start, oversample=oversample)
+                                   warm_start=warm_start, oversample=oversample, batch_iters=batch_iters)
     module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes, static_ranks, activations)
 
     notify("convert")
@@ -280,7 +282,7 @@ def convert(
     spec_fields |= input_spec or {}
     comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
     if method == Method.HOSVD:
-        comp |= {"warm_start": warm_start, "oversample": oversample}
+        comp |= {"warm_start": warm_start, "oversample": oversample, "batch_iters": batch_iters}
     if method == Method.ASI:
         comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb,
                  "selection": plan.selection if compressed_nodes else "eps"}

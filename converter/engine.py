@@ -36,7 +36,8 @@ class CompressionSettings:
     max_rank: int = 32
     iters: int = 1
     warm_start: bool = True  # hosvd: start each step's subspace iteration from the previous step's bases
-    oversample: int = 0  # hosvd: extra iteration columns beyond the static rank (not saved)
+    oversample: int = 4  # hosvd: extra iteration columns beyond the static rank (not saved)
+    batch_iters: int = 3  # hosvd/svd: steps for the batch mode, which starts cold at every step
 
 
 def weight_name(layer: str, role: str) -> str:
@@ -109,8 +110,9 @@ class TrainingModule(tf.Module):
         name = weight_name(node.layer, c.method.value) + suffix
         if method_cls is not None:
             calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
-            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib,
-                                    warm=c.warm_start, oversample=c.oversample)
+            extras = (dict(warm=c.warm_start, oversample=c.oversample, batch_iters=c.batch_iters)
+                      if c.method == Method.HOSVD else {})  # svd has only the batch mode: its steps are ``iters``
+            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, **extras)
         else:
             calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
             compressor = Asi(shape, ranks, calib, name=name)

@@ -73,10 +73,11 @@ class Hosvd:
 
     def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int, *,
                  name: str = "hosvd", calibration: np.ndarray | None = None, warm: bool = True,
-                 oversample: int = 0):
+                 oversample: int = 0, batch_iters: int | None = None):
         self.shape = shape
         self.eps = eps
         self.iters = iters
+        self.batch_iters = batch_iters
         self.ranks = ranks
         width = [None if r is None else min(shape[m], r + oversample) for m, r in enumerate(ranks)]
         self.starts = [None if w is None else start_matrix(shape[m], w, seed=m) for m, w in enumerate(width)]
@@ -85,7 +86,7 @@ class Hosvd:
 
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
         starts = [self.warm.start(m) if m in self.warm.bases else s for m, s in enumerate(self.starts)]
-        factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks)
+        factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks, self.batch_iters)
         return factored, [self.warm.update(m, bases[m]) for m in self.warm.bases]
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:

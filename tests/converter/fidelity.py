@@ -30,6 +30,11 @@ def digits(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return (x[..., None] if kind == "2d" else x.reshape(-1, 64, 1)), data.target.astype(np.int32)
 
 
+def calibration(kind: str) -> np.ndarray:
+    """64 training digits: the representative inputs a user passes as ``--calibration-data``."""
+    return digits(kind)[0][:64]
+
+
 def pretrained(kind: str, seed: int = 0, epochs: int = 4) -> keras.Model:
     """A small logits classifier, briefly trained, with Conv2D + DepthwiseConv2D (``2d``) or Conv1D (``1d``)
     layers whose activations (ReLU as separate layers) the compressed layers save."""
