@@ -69,9 +69,20 @@ def model_file(path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike) -> keras.Model:
-    """A Keras model (uncompiled) from a ``.keras``/``.h5`` file, or from a directory holding one (see
-    :func:`model_file`)."""
-    return keras.models.load_model(model_file(path), compile=False)
+    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one (see :func:`model_file`).
+
+    Loaded without its optimizer; compiled with the loss saved in the file (when Keras knows it), so ``--loss auto``
+    sees it as ``model.loss``.
+    """
+    file = model_file(path)
+    model = keras.models.load_model(file, compile=False)
+    saved = saved_compile_loss(file)
+    if saved is not None:
+        try:
+            model.compile(loss=keras.losses.get(saved))
+        except (ValueError, TypeError) as err:  # a custom loss: auto will ask for --loss
+            log.warning("the compiled loss of %s is not a Keras loss (%s); ignoring it", file, err)
+    return model
 
 
 def _default_layout(shape: tuple[int, ...]) -> str:
@@ -213,10 +224,9 @@ def convert(
         raise ConversionError(f"--epsilon must be in (0, 1], got {epsilon}")
 
     notify("parse")
-    if isinstance(model, keras.Model):
-        compiled_loss = model.loss if getattr(model, "compiled", False) else None
-    else:
-        model, compiled_loss = load_model(model), saved_compile_loss(model_file(model))
+    if not isinstance(model, keras.Model):
+        model = load_model(model)
+    compiled_loss = model.loss if getattr(model, "compiled", False) else None
     graph = parse_model(model)
     sp = split(graph, train_last)
     loss_kind = choose_loss(loss, graph.final_softmax, compiled_loss)

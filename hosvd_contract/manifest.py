@@ -152,6 +152,7 @@ class Manifest:
     op_census: dict[str, int] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    fit: dict[str, Any] | None = None  # the ``hosvd-convert fit`` search that chose train_last (docs/bundle.md)
 
     @property
     def default_batch_size(self) -> int:
@@ -202,6 +203,7 @@ class Manifest:
                 op_census=dict(data.get("op_census", {})),
                 versions=dict(data.get("versions", {})),
                 created=data.get("created", ""),
+                fit=data.get("fit"),
             )
         except KeyError as err:
             raise BundleError(f"manifest is missing field {err.args[0]!r}") from err
