@@ -10,6 +10,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+CHOICES = ("auto", "sparse_categorical_crossentropy", "categorical_crossentropy", "mse")  # converter.losses.CHOICES
+
 
 def _batch_sizes(text: str) -> list[int]:
     try:
@@ -38,8 +40,18 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subspace-iters", type=int, default=1,
                         help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt "
                              "(default 1)")
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                        help="hosvd: start every step's subspace iteration cold instead of from the previous bases")
+    parser.add_argument("--oversample", type=int, default=4, metavar="P",
+                        help="hosvd: columns iterated beyond each static rank, not saved (default 4)")
+    parser.add_argument("--batch-mode-iters", type=int, default=3, metavar="N",
+                        help="hosvd: subspace-iteration steps of the batch mode, which starts cold at every step "
+                             "(default 3)")
     parser.add_argument("--labels", help="comma-separated class names")
-    parser.add_argument("--loss", default="auto", choices=["auto", "sparse_categorical_crossentropy", "mse"])
+    parser.add_argument("--loss", default="auto", choices=CHOICES,
+                        help="auto (default): the loss the .keras model was compiled with, else cross-entropy if it "
+                             "ends in softmax, else an error; cross-entropy on a model without a final softmax "
+                             "trains its logits (from_logits=True) and infer still returns probabilities")
     parser.add_argument("--micro-batch", type=int, default=1, help="prefix micro-batch of the measured streamed plan")
 
 
@@ -131,6 +143,7 @@ def _convert(args: argparse.Namespace) -> int:
             args.model, args.out, train_last=args.train_last, compression=args.compression, epsilon=args.epsilon,
             batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, max_rank=args.max_rank, subspace_iters=args.subspace_iters,
+            warm_start=args.warm_start, oversample=args.oversample, batch_iters=args.batch_mode_iters,
             calibration_data=None if calibration is None else np.asarray(calibration),
             ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure, progress=progress)
@@ -173,7 +186,8 @@ def _fit(args: argparse.Namespace) -> int:
             calibration_data=np.asarray(load_calibration(args.calibration_data)), method=args.method,
             epsilon=args.epsilon, on_candidate=measured, optimizer=args.optimizer, learning_rate=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, max_rank=args.max_rank,
-            subspace_iters=args.subspace_iters, labels=args.labels.split(",") if args.labels else None,
+            subspace_iters=args.subspace_iters, warm_start=args.warm_start, oversample=args.oversample,
+            batch_iters=args.batch_mode_iters, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, **defaults)
     finally:
         bar.update(bar.total - bar.n)

@@ -23,9 +23,10 @@ from converter.compression.ranks import eps_ranks
 from converter.engine import COMPRESSIBLE, CompressionSettings, TrainingModule, saved_shape
 from converter.errors import ConversionError
 from converter.export import op_census, to_tflite
+from converter.gradient_error import gradient_errors
 from converter.graph import Graph, Split, parse_model, split
 from converter.layers import module_for
-from converter.losses import Loss
+from converter.losses import Loss, choose_loss, saved_compile_loss
 from converter.measure import measure
 from converter.optimizers import OptimizerConfig, OptimizerName
 from hosvd_contract import (
@@ -48,8 +49,8 @@ SOURCE_MODEL = "source.keras"  # the converted Keras model, kept for ``hosvd-con
 STAGES = ("parse", "calibrate", "build", "convert", "write", "measure")
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one.
+def model_file(path: str | os.PathLike) -> Path:
+    """The ``.keras``/``.h5`` file at ``path``, or the first one in the directory ``path``.
 
     Raises:
         ConversionError: missing file, or a bare TF SavedModel (it has no Keras layer structure to train).
@@ -64,7 +65,24 @@ def load_model(path: str | os.PathLike) -> keras.Model:
         path = candidates[0]
     if not path.exists():
         raise ConversionError(f"model file {path} does not exist")
-    return keras.models.load_model(path, compile=False)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one (see :func:`model_file`).
+
+    Loaded without its optimizer; compiled with the loss saved in the file (when Keras knows it), so ``--loss auto``
+    sees it as ``model.loss``.
+    """
+    file = model_file(path)
+    model = keras.models.load_model(file, compile=False)
+    saved = saved_compile_loss(file)
+    if saved is not None:
+        try:
+            model.compile(loss=keras.losses.get(saved))
+        except (ValueError, TypeError) as err:  # a custom loss: auto will ask for --loss
+            log.warning("the compiled loss of %s is not a Keras loss (%s); ignoring it", file, err)
+    return model
 
 
 def _default_layout(shape: tuple[int, ...]) -> str:
@@ -77,7 +95,8 @@ def _full_ranks(ranks: list[int | None], shape: tuple[int, ...]) -> list[int]:
 
 
 def _layer_infos(graph: Graph, sp: Split, module: TrainingModule, batch: int,
-                 calibrated: dict[str, list[int | None]]) -> list[LayerInfo]:
+                 calibrated: dict[str, list[int | None]],
+                 asi_choice: dict[str, tuple[float, float | None]]) -> list[LayerInfo]:
     infos = []
     for node in graph.nodes:
         info = dict(name=node.name, type=node.keras_type, trainable=node.trainable, output_shape=list(node.out_shape))
@@ -93,6 +112,8 @@ def _layer_infos(graph: Graph, sp: Split, module: TrainingModule, batch: int,
                              saved_bytes_compressed=4 * compressor.saved_elements(ranks))
                 if compressor.method in ("hosvd", "svd"):
                     info["epsilon"] = module.compression.epsilon
+                if node.name in asi_choice:
+                    info["epsilon"], info["gradient_error"] = asi_choice[node.name]
             else:
                 info["compression"] = "none"
         infos.append(LayerInfo(**info))
@@ -139,6 +160,9 @@ def convert(
     weight_decay: float = 0.0,
     max_rank: int = 32,
     subspace_iters: int = 1,
+    warm_start: bool = True,
+    oversample: int = 4,
+    batch_iters: int = 3,
     calibration_data: np.ndarray | None = None,
     ram_budget_mb: float | None = None,
     labels: Sequence[str] | None = None,
@@ -162,12 +186,20 @@ def convert(
         max_rank: cap on the static rank per mode for ``svd``/``hosvd``/``asi``; with calibration data the
             static ranks of ``svd``/``hosvd`` are sized from the measured ε-ranks, below this cap.
         subspace_iters: subspace-iteration steps per mode for ``svd``/``hosvd``.
+        warm_start: ``hosvd``: start each step's iteration from the previous step's bases (kept in variables;
+            the first step starts cold, or from the calibration data's bases); the batch mode always starts cold.
+        oversample: ``hosvd``: columns iterated beyond each static rank (sharper bases, not saved).
+        batch_iters: ``hosvd``: subspace-iteration steps of the batch mode (cold at every step; B × B, cheap).
         calibration_data: representative inputs (N, ...) for ``asi`` ranks and the reported ε-ranks.
-        ram_budget_mb: for ``asi``: the budget of all saved activations; ε is lowered until it fits.
+        ram_budget_mb: for ``asi``: the budget of all saved activations; when ε does not fit, each layer takes
+            the candidate ε that minimises the summed gradient error measured on the calibration data (a knapsack,
+            :func:`converter.compression.asi.choose_ranks`).
         labels: class names (default ``class_0``…).
         input_spec: extra :class:`~hosvd_contract.InputSpec` fields (``layout``, ``mean``, ``std``,
             ``channels``, ``rate_hz``).
-        loss: ``auto`` (cross-entropy after a final softmax, else MSE), ``sparse_categorical_crossentropy``, ``mse``.
+        loss: ``auto`` (the model's compiled loss, else cross-entropy after a final softmax, else an error),
+            ``sparse_categorical_crossentropy`` / ``categorical_crossentropy`` (on logits when the model has no
+            final softmax; labels are class indices either way), ``mse``. See :func:`converter.losses.choose_loss`.
         micro_batch: micro-batch of the frozen prefix in the measured ``streamed`` plan.
         measure_memory: run each train signature once on ai-edge-litert in a child process and record its RSS.
         progress: optional callable ``(stage: str) -> None`` called as each stage starts.
@@ -194,13 +226,10 @@ def convert(
     notify("parse")
     if not isinstance(model, keras.Model):
         model = load_model(model)
+    compiled_loss = model.loss if getattr(model, "compiled", False) else None
     graph = parse_model(model)
     sp = split(graph, train_last)
-    loss_kind = Loss.CROSSENTROPY if graph.final_softmax else Loss.MSE
-    if loss != "auto":
-        loss_kind = Loss(loss)
-    if loss_kind == Loss.CROSSENTROPY and not graph.final_softmax:
-        raise ConversionError("cross-entropy needs a model that ends in softmax (the converter trains on its logits)")
+    loss_kind = choose_loss(loss, graph.final_softmax, compiled_loss)
 
     notify("calibrate")
     default_batch = batch_sizes[0]
@@ -216,17 +245,22 @@ def convert(
         log.warning("asi without calibration data: ranks and bases come from random inputs; pass "
                     "--calibration-data for realistic ranks")
         rng = np.random.default_rng(0)
-        activations = saved_activations(graph, sp, rng.random((default_batch, *graph.input_shape), np.float32),
-                                        default_batch)
+        calibration_data = rng.random((default_batch, *graph.input_shape), np.float32)
+        activations = saved_activations(graph, sp, calibration_data, default_batch)
     static_ranks, used_eps = None, epsilon
     calibrated: dict[str, list[int | None]] = {}
+    asi_choice: dict[str, tuple[float, float | None]] = {}
     if method == Method.ASI and compressed_nodes:
         budget = None if ram_budget_mb is None else int(ram_budget_mb * 2**20)
+        errors = gradient_errors(graph, sp, loss_kind, calibration_data, default_batch, compressed_nodes)
         try:
-            ranks, used_eps = choose_ranks([activations[n.name] for n in compressed_nodes], epsilon, budget, max_rank)
+            plan = choose_ranks([activations[n.name] for n in compressed_nodes], epsilon, budget, max_rank, errors)
         except ValueError as err:
             raise ConversionError(str(err)) from None
-        static_ranks = {n.name: r for n, r in zip(compressed_nodes, ranks, strict=True)}
+        used_eps = min(plan.epsilons)
+        static_ranks = {n.name: r for n, r in zip(compressed_nodes, plan.ranks, strict=True)}
+        asi_choice = {n.name: (e, err) for n, e, err in zip(compressed_nodes, plan.epsilons, plan.errors,
+                                                             strict=True)}
         calibrated = dict(static_ranks)
     elif activations and method in (Method.HOSVD, Method.SVD):
         modes = (0, 1, 2, 3) if method == Method.HOSVD else (0,)
@@ -238,7 +272,8 @@ def convert(
 
     notify("build")
     opt_cfg = OptimizerConfig(name=opt_name, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
-    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters)
+    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters,
+                                   warm_start=warm_start, oversample=oversample, batch_iters=batch_iters)
     module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes, static_ranks, activations)
 
     notify("convert")
@@ -256,8 +291,11 @@ def convert(
     spec_fields = dict(shape=list(graph.input_shape), layout=_default_layout(graph.input_shape))
     spec_fields |= input_spec or {}
     comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
+    if method == Method.HOSVD:
+        comp |= {"warm_start": warm_start, "oversample": oversample, "batch_iters": batch_iters}
     if method == Method.ASI:
-        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb}
+        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb,
+                 "selection": plan.selection if compressed_nodes else "eps"}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_name=model.name,
@@ -274,7 +312,7 @@ def convert(
         train_signatures=[TrainSignature(b, Sig.train_name(b, default_batch),
                                          Sig.train_name(b, default_batch, from_features=True)) for b in batch_sizes],
         weights=list(module.weight_specs),
-        layers=_layer_infos(graph, sp, module, default_batch, calibrated),
+        layers=_layer_infos(graph, sp, module, default_batch, calibrated, asi_choice),
         op_census=op_census(flatbuffer),
         versions={"hosvd_edge": converter.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                   "convert_seconds": f"{convert_seconds:.1f}"},

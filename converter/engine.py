@@ -35,6 +35,9 @@ class CompressionSettings:
     epsilon: float = 0.8
     max_rank: int = 32
     iters: int = 1
+    warm_start: bool = True  # hosvd: start each step's subspace iteration from the previous step's bases
+    oversample: int = 4  # hosvd: extra iteration columns beyond the static rank (not saved)
+    batch_iters: int = 3  # hosvd/svd: steps for the batch mode, which starts cold at every step
 
 
 def weight_name(layer: str, role: str) -> str:
@@ -103,16 +106,21 @@ class TrainingModule(tf.Module):
                                                                              strict=True)]
         else:
             ranks = max_ranks(shape, c.max_rank, method_cls.modes)
-        if method_cls is not None:
-            return method_cls(shape, c.epsilon, ranks, c.iters)
         suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
-        calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
-        asi = Asi(shape, ranks, calib, name=weight_name(node.layer, "asi") + suffix)
-        for role, var in asi.variables().items():
+        name = weight_name(node.layer, c.method.value) + suffix
+        if method_cls is not None:
+            calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
+            extras = (dict(warm=c.warm_start, oversample=c.oversample, batch_iters=c.batch_iters)
+                      if c.method == Method.HOSVD else {})  # svd has only the batch mode: its steps are ``iters``
+            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, **extras)
+        else:
+            calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
+            compressor = Asi(shape, ranks, calib, name=name)
+        for role, var in compressor.variables().items():
             self._vars.append(var)
             self.weight_specs.append(WeightSpec(name=var.name.split(":")[0], layer=node.layer, role=role,
                                                 shape=list(var.shape)))
-        return asi
+        return compressor
 
     # -- graph pieces -------------------------------------------------------------------------------------
     def _params(self, node: Node) -> dict:
@@ -134,7 +142,7 @@ class TrainingModule(tf.Module):
         return tensors[self.graph.output]
 
     def _outputs(self, logits: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(logits) if self.graph.final_softmax else logits
+        return tf.nn.softmax(logits) if self.loss == Loss.CROSSENTROPY else logits  # probabilities, logits or not
 
     def evaluate_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         loss, _, correct = LOSSES[self.loss](self._suffix_inference(features), y)
@@ -153,13 +161,7 @@ class TrainingModule(tf.Module):
             state_updates.extend(updates)
             return factored
 
-        training = ForwardContext(training=True, compress=compress)
-        needs_grad = self.split.needs_grad
-        tensors = {self.split.features: features}
-        saved = self._run(self.split.suffix, tensors,
-                          lambda node: training if node.output in needs_grad else INFERENCE)
-        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
-        weight_grads = self._backward(saved, dlogits)
+        loss, correct, weight_grads = self.gradients(features, y, compress)
         step = self.step + 1.0
         updates = [self.step.assign(step), *state_updates]
         lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
@@ -169,6 +171,17 @@ class TrainingModule(tf.Module):
                                  lr, step)
         with tf.control_dependencies(updates):
             return {Sig.LOSS: tf.identity(loss), Sig.CORRECT: tf.identity(correct)}
+
+    def gradients(self, features: tf.Tensor, y: tf.Tensor, compress) -> tuple[tf.Tensor, tf.Tensor, dict]:
+        """Forward the suffix saving each compressible input as ``compress(node, x) -> Factored`` says, the loss,
+        and the backward pass: ``(loss, correct, weight gradients by node and role)``."""
+        training = ForwardContext(training=True, compress=compress)
+        needs_grad = self.split.needs_grad
+        tensors = {self.split.features: features}
+        saved = self._run(self.split.suffix, tensors,
+                          lambda node: training if node.output in needs_grad else INFERENCE)
+        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
+        return loss, correct, self._backward(saved, dlogits)
 
     def _backward(self, saved: dict, dlogits: tf.Tensor) -> dict[str, dict[str, tf.Tensor]]:
         needs_grad = self.split.needs_grad

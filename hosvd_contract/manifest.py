@@ -77,7 +77,9 @@ class LayerInfo:
     ``saved_bytes_vanilla``/``saved_bytes_compressed`` follow the paper's analytic metric (float32, the
     activation saved for the weight gradient, at the default train batch). ``ranks`` are the maximum (static)
     ranks for ``hosvd``/``svd`` and the fixed ranks for ``asi``; ``calibrated_ranks`` are the ε-ranks measured on
-    calibration data when the converter had any.
+    calibration data when the converter had any. For ``asi``, ``epsilon`` is the ε this layer's ranks were chosen
+    at and ``gradient_error`` the relative weight-gradient error those ranks cause on the calibration data
+    (absent in older manifests).
     """
 
     name: str
@@ -90,6 +92,7 @@ class LayerInfo:
     calibrated_ranks: list[int] | None = None
     saved_bytes_vanilla: int = 0
     saved_bytes_compressed: int = 0
+    gradient_error: float | None = None
 
 
 @dataclass(frozen=True)
