@@ -7,6 +7,7 @@ TFLite ops only.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ import tensorflow as tf
 
 from converter.compression import Method
 from converter.compression.asi import Asi
-from converter.compression.hosvd import Hosvd, max_ranks
+from converter.compression.factored import tucker_elements
+from converter.compression.hosvd import Hosvd
 from converter.compression.none import Vanilla
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
@@ -40,6 +42,16 @@ class CompressionSettings:
 def weight_name(layer: str, role: str) -> str:
     """A signature-safe tensor name for ``layer``/``role`` (letters, digits, underscores)."""
     return re.sub(r"[^0-9A-Za-z_]", "_", f"{layer}__{role}".replace("optimizer:", "").replace("compression:", ""))
+
+
+def fitted_ranks(ranks: list[int | None], shape: tuple[int, ...]) -> list[int | None]:
+    """``ranks`` at a given saved shape: a rank that reaches its mode's size means the whole mode (``None``)."""
+    return [None if r is None or r >= size else r for r, size in zip(ranks, shape, strict=True)]
+
+
+def compresses(shape: tuple[int, ...], ranks: list[int | None]) -> bool:
+    """True when the Tucker form at ``ranks`` allocates less than the activation itself."""
+    return tucker_elements(shape, tuple(ranks)) < math.prod(shape)
 
 
 def saved_shape(node: Node, batch: int) -> tuple[int, ...]:
@@ -93,16 +105,18 @@ class TrainingModule(tf.Module):
         return var
 
     def _compressor(self, node: Node, batch: int, ranks_by_node, calibration):
+        """The layer's compression at ``batch``: the method at the ranks sized at conversion (calibration, asi
+        budget), a mode whose rank reaches its size kept whole, and :class:`Vanilla` where no ranks were given or
+        the compressed form would allocate at least as much as the activation itself."""
         shape = saved_shape(node, batch)
         c = self.compression
-        if c.method == Method.NONE:
+        wanted = (ranks_by_node or {}).get(node.name)
+        if c.method == Method.NONE or wanted is None:
+            return Vanilla(shape)
+        ranks = fitted_ranks(wanted, shape)
+        if not compresses(shape, ranks):
             return Vanilla(shape)
         method_cls = {Method.SVD: BatchSvd, Method.HOSVD: Hosvd}.get(c.method)
-        if ranks_by_node and node.name in ranks_by_node:  # sized at conversion (calibration, asi budget)
-            ranks = [None if r is None else min(r, size) for r, size in zip(ranks_by_node[node.name], shape,
-                                                                             strict=True)]
-        else:
-            ranks = max_ranks(shape, c.max_rank, method_cls.modes)
         if method_cls is not None:
             return method_cls(shape, c.epsilon, ranks, c.iters)
         suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
