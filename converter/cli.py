@@ -92,7 +92,7 @@ def layer_table(manifest) -> str:
                          _kib(info.saved_bytes_vanilla), "-", info.note or ""))
         else:
             rows.append((info.name, info.type, _dims(info.saved_shape), "mask", "-", "-", "-", "-",
-                         _kib(info.saved_bytes_masks), "1 bit per element"))
+                         _kib(info.saved_bytes_masks), "bit-packed"))
     total_v = sum(i.saved_bytes_vanilla for i in manifest.layers)
     total_c = sum(i.saved_bytes_compressed for i in manifest.layers)
     total_m = sum(i.saved_bytes_masks for i in manifest.layers)

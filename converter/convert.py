@@ -167,8 +167,8 @@ def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, max_rank: i
         note = None
         if capped:
             note = f"--max-rank {max_rank} binds in mode(s) {', '.join(MODE_NAMES[m] for m in capped)}"
-            log.warning("layer %s: the ε-rank on calibration data exceeds %s; it keeps less energy than ε",
-                        node.name, note)
+            log.warning("layer %s: %s (its ε-rank on the calibration data is larger), so it keeps less energy "
+                        "than ε there", node.name, note)
         shape = saved_shape(node, batch)
         fitted = fitted_ranks(ranks, shape)
         if method != Method.NONE and not compresses(shape, fitted):
