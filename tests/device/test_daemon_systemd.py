@@ -59,7 +59,7 @@ def test_ready_status_watchdog_and_stopping(broker, client_factory, device_facto
         dev = device_factory(broker.port).start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": WATCHDOG_USEC})
         cl = client_factory(broker.port)
         cl.wait("status", idle, timeout=60)
-        assert cl.request("train", {"transaction": "sd", "steps": 30})["status"] == "ok"
+        assert cl.request("train", {"transaction": "sd", "steps": 1500})["status"] == "ok"
         cl.wait("report", lambda p: p.get("transaction") == "sd", timeout=120)
         wait_until(systemd.idle_after_training, 30, "STATUS=idle after STATUS=training")
         after_training = len(systemd.pings())
@@ -74,6 +74,9 @@ def test_ready_status_watchdog_and_stopping(broker, client_factory, device_facto
     training = [t for t, m in systemd.messages if m.startswith("STATUS=training;")]
     back_to_idle = [t for t, m in systemd.messages if m.startswith("STATUS=idle") and training and t > training[0]]
     assert training and back_to_idle
+    # Enough steps that the child outlives several ping periods (0.5 s) even on a quiet machine, where 30 steps of
+    # this bundle finished in under one period and left nothing to check.
+    assert back_to_idle[0] - training[0] > 1.0, "training ended too soon to show pings during it: raise steps"
     pings = systemd.pings()
     assert any(training[0] < t < back_to_idle[0] for t in pings), "no WATCHDOG=1 while the training child ran"
     assert max(b - a for a, b in itertools.pairwise(pings)) < 1.0, "a gap longer than WatchdogSec"
