@@ -133,8 +133,8 @@ DEPTH_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("asi", None, 0.25)]
 def depth() -> list[RunSpec]:
     """Where compression can show in the measured peak: MobileNetV2 224², batch 32, the last 14, 20 and 35
     weighted layers trainable (61, 121 and 228 MiB of vanilla conv inputs), for ``recipe`` (whole batch), and
-    streamed ``none``, ``hosvd`` ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see ``docs/bench.md``: each 224² conversion at
-    these depths takes minutes)."""
+    streamed ``none``, ``hosvd`` ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see
+    ``docs/bench.md``: each 224² conversion at these depths takes minutes)."""
     return [replace(RunSpec("mobilenetv2", train_last=n, method="none", input_size=224), method=m, epsilon=e,
                     asi_budget=b)
             for n in (14, 20, 35) for m, e, b in DEPTH_METHODS]
