@@ -90,8 +90,7 @@ def test_max_rank_binding_is_reported(tmp_path):
     assert "--max-rank 2 binds" in c2.note
 
 
-@pytest.mark.parametrize(("method", "eps", "max_rank"), [("svd", 1.0, 32), ("hosvd", 0.99, 64), ("asi", 0.99, 64),
-                                                         ("hosvd", 0.8, 32)])
+@pytest.mark.parametrize(("method", "eps", "max_rank"), [("svd", 1.0, 32), ("hosvd", 0.99, 64), ("asi", 0.99, 64)])
 def test_no_layer_allocates_as_much_as_vanilla(tmp_path, method, eps, max_rank):
     """Settings that used to allocate more than vanilla (svd with every batch rank kept, high ε, a large cap) save
     those layers uncompressed and say so; every compressed layer allocates strictly less than its input."""
