@@ -35,8 +35,8 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-rank", type=int, default=32,
-                        help="cap on the static rank per mode (default 32); with --calibration-data the static "
-                             "ranks are sized from the measured ε-ranks below it")
+                        help="cap on the static rank per mode (default 32); the static ranks are sized from the "
+                             "ε-ranks on --calibration-data below it (the table notes where it binds)")
     parser.add_argument("--subspace-iters", type=int, default=1,
                         help="subspace-iteration steps per mode, each a Gram multiplication + Gram-Schmidt "
                              "(default 1)")
@@ -63,9 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--train-last", type=int, required=True, metavar="N",
                       help="train the last N weighted layers (Conv/Depthwise/Dense) and everything after them")
     conv.add_argument("--compression", default="hosvd", choices=["none", "svd", "hosvd", "asi"])
-    conv.add_argument("--calibration-data", help=".npz (array 'x') or .npy of representative inputs")
+    conv.add_argument("--calibration-data",
+                      help=".npz (array 'x') or .npy of representative inputs, at least one train batch; required "
+                           "for svd/hosvd/asi (the static ranks, i.e. the memory allocated, are sized on all of it)")
     conv.add_argument("--ram-budget-mb", type=float, help="asi: budget for all saved activations (MiB)")
     conv.add_argument("--no-measure", action="store_true", help="skip measuring peak RSS on ai-edge-litert")
+    conv.add_argument("--no-compare-vanilla", action="store_true",
+                      help="do not also convert and measure the uncompressed (none) bundle for comparison")
     _bundle_options(conv)
 
     fit = sub.add_parser("fit", help="the deepest fine-tuning whose measured training peak fits a RAM ceiling")
@@ -96,31 +100,56 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f}"
 
 
+def _dims(values) -> str:
+    return "x".join(map(str, values)) if values else "-"
+
+
 def layer_table(manifest) -> str:
-    """The per-layer table of trainable layers: shape, method, ranks, saved-activation KiB."""
-    rows = [("layer", "type", "output", "method", "ranks (max)", "ε-ranks", "vanilla KiB", "saved KiB")]
+    """What the bundle keeps for backward, per trained layer and per mask-keeping node.
+
+    Columns: the saved input's shape (batch first), the method, the static ranks it allocates, the ε-ranks on the
+    calibration data, the allocated KiB at the static ranks (the headline), the vanilla KiB (the float32 input),
+    the bit-packed mask KiB (ReLU/ReLU6/max-pool nodes), and a note where the layer is saved differently from
+    the method asked for.
+    """
+    rows = [("layer", "type", "saved input", "method", "static ranks", "ε-ranks", "allocated KiB", "vanilla KiB",
+             "masks KiB", "note")]
     for info in manifest.layers:
-        if not info.trainable:
+        if not (info.trainable or info.saved_bytes_masks):
             continue
-        rows.append((info.name, info.type, "x".join(map(str, info.output_shape)), info.compression or "-",
-                     "x".join(map(str, info.ranks)) if info.ranks else "-",
-                     "x".join(map(str, info.calibrated_ranks)) if info.calibrated_ranks else "-",
-                     _kib(info.saved_bytes_vanilla), _kib(info.saved_bytes_compressed)))
+        if info.trainable:
+            rows.append((info.name, info.type, _dims(info.saved_shape), info.compression or "-", _dims(info.ranks),
+                         _dims(info.calibrated_ranks), _kib(info.saved_bytes_compressed),
+                         _kib(info.saved_bytes_vanilla), "-", info.note or ""))
+        else:
+            rows.append((info.name, info.type, _dims(info.saved_shape), "mask", "-", "-", "-", "-",
+                         _kib(info.saved_bytes_masks), "bit-packed"))
     total_v = sum(i.saved_bytes_vanilla for i in manifest.layers)
     total_c = sum(i.saved_bytes_compressed for i in manifest.layers)
-    rows.append(("total", "", "", "", "", "", _kib(total_v), _kib(total_c)))
+    total_m = sum(i.saved_bytes_masks for i in manifest.layers)
+    rows.append(("total", "", "", "", "", "", _kib(total_c), _kib(total_v), _kib(total_m),
+                 f"saved for backward: {_kib(total_c + total_m)} KiB"))
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple]) -> str:
     widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def _memory_table(manifest) -> str:
-    lines = ["batch  mode      micro  estimated MiB  measured peak MiB  (base MiB)"]
+    """Estimated and measured peak per plan (VmHWM and RssAnon), and the uncompressed bundle's beside it."""
+    rows = [("batch", "mode", "micro", "estimated MiB", "measured peak MiB", "anon MiB", "base MiB",
+             "none: peak MiB", "none: anon MiB")]
     for m in manifest.memory_plan:
-        peak = "-" if m.measured_peak_rss_bytes is None else f"{m.measured_peak_rss_bytes / 2**20:.1f}"
-        base = "-" if m.measured_base_rss_bytes is None else f"{m.measured_base_rss_bytes / 2**20:.1f}"
-        lines.append(f"{m.batch_size:<6} {m.mode:<9} {m.micro_batch:<6} {m.estimated_peak_bytes / 2**20:<14.2f} "
-                     f"{peak:<18} ({base})")
-    return "\n".join(lines)
+        rows.append((m.batch_size, m.mode, m.micro_batch, _mib(m.estimated_peak_bytes),
+                     _mib(m.measured_peak_rss_bytes), _mib(m.measured_anon_rss_bytes), _mib(m.measured_base_rss_bytes),
+                     _mib(m.vanilla_peak_rss_bytes), _mib(m.vanilla_anon_rss_bytes)))
+    return _aligned(rows)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -146,7 +175,8 @@ def _convert(args: argparse.Namespace) -> int:
             warm_start=args.warm_start, oversample=args.oversample, batch_iters=args.batch_mode_iters,
             calibration_data=None if calibration is None else np.asarray(calibration),
             ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
-            loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure, progress=progress)
+            loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure,
+            compare_vanilla=not args.no_compare_vanilla, progress=progress)
     finally:
         bar.update(bar.total - bar.n)
         bar.close()
