@@ -11,7 +11,10 @@ BUNDLES := .test-bundles
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[converter,device,camera,demo,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[converter,device,camera,demo,fleet,dev]'
+	# amqtt 0.11 (demo) pins typer==0.15.4 for its own command-line scripts, which the demo never runs; flwr's CLI
+	# (fleet) needs typer >= 0.19 (Literal options) although flwr's metadata allows 0.13, so pip picks 0.15.4.
+	$(VENV)/bin/pip install --quiet 'typer>=0.19,<0.21'
 	touch $@
 
 # The device side on the legacy runtime: tflite-runtime 2.14 + numpy<2, and no TensorFlow at all.

@@ -190,6 +190,7 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
         "saved_activation_vanilla_mib": bundle["vanilla_mib"],
         "saved_activation_static_mib": bundle["static_mib"] if compressed else bundle["vanilla_mib"],
         "layers": bundle["layers"], "peak_rss_mib": out["peak_rss_mib"], "base_rss_mib": out["base_rss_mib"],
+        "anon_rss_mib": out.get("anon_rss_mib"),
         "ms_per_step": out["ms_per_step"], "ms_steps": out["ms_steps"],
         "ms_per_step_cached": out.get("ms_per_step_cached"), "cache_speedup": None,
         "graph_ops": bundle["graph_ops"], "convert_s": bundle["convert_s"], "dataset": spec.dataset,

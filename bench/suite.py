@@ -127,6 +127,19 @@ def full() -> list[RunSpec]:
     return runs
 
 
+DEPTH_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("asi", None, 0.25)]
+
+
+def depth() -> list[RunSpec]:
+    """Where compression can show in the measured peak: MobileNetV2 224², batch 32, the last 14, 20 and 35
+    weighted layers trainable (61, 121 and 228 MiB of vanilla conv inputs), for ``recipe`` (whole batch), and
+    streamed ``none``, ``hosvd`` ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see
+    ``docs/bench.md``: each 224² conversion at these depths takes minutes)."""
+    return [replace(RunSpec("mobilenetv2", train_last=n, method="none", input_size=224), method=m, epsilon=e,
+                    asi_budget=b)
+            for n in (14, 20, 35) for m, e, b in DEPTH_METHODS]
+
+
 def tiny() -> list[RunSpec]:
     """A seconds-long suite for the tests: digits, one seed, the baselines and hosvd, a few steps."""
     base = RunSpec(model="digits_cnn", train_last=2, method="none", dataset="digits", seed=0, batch_size=8,
@@ -134,4 +147,4 @@ def tiny() -> list[RunSpec]:
     return _grid(base, QUICK_METHODS)
 
 
-SUITES = {"quick": quick, "full": full, "tiny": tiny}
+SUITES = {"quick": quick, "full": full, "depth": depth, "tiny": tiny}

@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,16 +17,18 @@ import numpy as np
 import tensorflow as tf
 
 import converter
-from converter.calibration import saved_activations
+from converter.calibration import calibrate
 from converter.compression import Method, parse_method
 from converter.compression.asi import choose_ranks
-from converter.compression.ranks import eps_ranks
-from converter.engine import COMPRESSIBLE, CompressionSettings, TrainingModule, saved_shape
+from converter.compression.factored import tucker_elements
+from converter.compression.ranks import static_ranks
+from converter.engine import COMPRESSIBLE, CompressionSettings, TrainingModule, compresses, fitted_ranks, saved_shape
 from converter.errors import ConversionError
 from converter.export import op_census, to_tflite
+from converter.gradient_error import gradient_errors
 from converter.graph import Graph, Split, parse_model, split
 from converter.layers import module_for
-from converter.losses import Loss
+from converter.losses import Loss, choose_loss, saved_compile_loss
 from converter.measure import measure
 from converter.optimizers import OptimizerConfig, OptimizerName
 from hosvd_contract import (
@@ -46,10 +49,12 @@ log = logging.getLogger(__name__)
 SOURCE_MODEL = "source.keras"  # the converted Keras model, kept for ``hosvd-convert export-keras``
 
 STAGES = ("parse", "calibrate", "build", "convert", "write", "measure")
+MODE_NAMES = ("B", "H", "W", "C")
+MASKING = ("ReLU", "MaxPooling2D", "MaxPooling1D")  # node kinds that keep a mask for backward
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
-    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one.
+def model_file(path: str | os.PathLike) -> Path:
+    """The ``.keras``/``.h5`` file at ``path``, or the first one in the directory ``path``.
 
     Raises:
         ConversionError: missing file, or a bare TF SavedModel (it has no Keras layer structure to train).
@@ -64,7 +69,24 @@ def load_model(path: str | os.PathLike) -> keras.Model:
         path = candidates[0]
     if not path.exists():
         raise ConversionError(f"model file {path} does not exist")
-    return keras.models.load_model(path, compile=False)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """A Keras model from a ``.keras``/``.h5`` file, or from a directory holding one (see :func:`model_file`).
+
+    Loaded without its optimizer; compiled with the loss saved in the file (when Keras knows it), so ``--loss auto``
+    sees it as ``model.loss``.
+    """
+    file = model_file(path)
+    model = keras.models.load_model(file, compile=False)
+    saved = saved_compile_loss(file)
+    if saved is not None:
+        try:
+            model.compile(loss=keras.losses.get(saved))
+        except (ValueError, TypeError) as err:  # a custom loss: auto will ask for --loss
+            log.warning("the compiled loss of %s is not a Keras loss (%s); ignoring it", file, err)
+    return model
 
 
 def _default_layout(shape: tuple[int, ...]) -> str:
@@ -77,52 +99,112 @@ def _full_ranks(ranks: list[int | None], shape: tuple[int, ...]) -> list[int]:
 
 
 def _layer_infos(graph: Graph, sp: Split, module: TrainingModule, batch: int,
-                 calibrated: dict[str, list[int | None]]) -> list[LayerInfo]:
+                 sizing: dict[str, dict]) -> list[LayerInfo]:
+    """Per node what the bundle saves for backward at ``batch``: weighted layers' inputs at the static ranks
+    (``sizing`` has the ε-ranks and notes of the compressed ones), ReLU/max-pool masks bit-packed."""
     infos = []
     for node in graph.nodes:
         info = dict(name=node.name, type=node.keras_type, trainable=node.trainable, output_shape=list(node.out_shape))
+        saves = node.output in sp.needs_grad and node.kind in MASKING
         if node.trainable:
             vanilla = module_for(node.kind).saved_bytes(node, batch)
-            info["saved_bytes_vanilla"] = info["saved_bytes_compressed"] = vanilla
+            info |= dict(saved_bytes_vanilla=vanilla, saved_bytes_compressed=vanilla, compression="none",
+                         saved_shape=[batch, *node.in_shapes[0]])
             compressor = module.compressors.get(f"{node.name}@{batch}")
             if compressor is not None:
-                ranks = calibrated.get(node.name)
                 shape = saved_shape(node, batch)
-                info |= dict(compression=compressor.method, ranks=_full_ranks(compressor.ranks, shape),
-                             calibrated_ranks=None if ranks is None else _full_ranks(ranks, shape),
-                             saved_bytes_compressed=4 * compressor.saved_elements(ranks))
+                sized = sizing.get(node.name, {})
+                eps_ranks = sized.get("eps_ranks")
+                info |= dict(compression=compressor.method, saved_shape=list(shape),
+                             ranks=_full_ranks(compressor.ranks, shape),
+                             calibrated_ranks=None if eps_ranks is None else _full_ranks(eps_ranks, shape),
+                             saved_bytes_compressed=4 * compressor.saved_elements(), note=sized.get("note"))
                 if compressor.method in ("hosvd", "svd"):
                     info["epsilon"] = module.compression.epsilon
-            else:
-                info["compression"] = "none"
+                if "asi_epsilon" in sized:
+                    info["epsilon"], info["gradient_error"] = sized["asi_epsilon"], sized["gradient_error"]
+        elif saves:
+            info |= dict(saved_shape=[batch, *node.in_shapes[0]],
+                         saved_bytes_masks=module_for(node.kind).saved_bytes(node, batch))
         infos.append(LayerInfo(**info))
     return infos
 
 
-def _estimate_peak(graph: Graph, sp: Split, module: TrainingModule, batch: int, micro: int) -> int:
-    """A rough arena estimate (bytes): weights with optimizer state, saved activations, and the largest
-    activations of the prefix (at ``micro`` samples) and suffix (at the batch) alive at once. The measured
-    figure next to it is the one to trust."""
+def _estimate_peak(sp: Split, module: TrainingModule, infos: list[LayerInfo], batch: int, micro: int) -> int:
+    """A rough arena estimate (bytes): weights with optimizer state, what is saved for backward as allocated,
+    and the largest activations of the prefix (at ``micro`` samples) and suffix (at the batch) alive at once.
+    The measured figure next to it is the one to trust."""
     weights = sum(4 * math.prod(s.shape) for s in module.weight_specs)
-    saved = sum(module_for(n.kind).saved_bytes(n, batch) for n in sp.suffix if n.output in sp.needs_grad)
+    saved = sum(i.saved_bytes_compressed + i.saved_bytes_masks for i in infos)
     biggest = lambda nodes, b: max((4 * b * math.prod(n.out_shape) for n in nodes), default=0)  # noqa: E731
     return weights + saved + 2 * biggest(sp.prefix, micro) + 3 * biggest(sp.suffix, batch)
 
 
-def sized_max_ranks(layer: str, eps_ranks: list[int | None], max_rank: int) -> list[int | None]:
-    """Static maximum ranks sized from the ε-ranks measured on calibration data: 25 % headroom (+1) for data
-    that needs a little more, capped by ``max_rank``. Without this the cap alone decides, and a cap below the
-    ε-rank silently keeps less energy than ε (what the benchmarks showed with a fixed cap of 16)."""
-    sized = []
-    for mode, rank in enumerate(eps_ranks):
-        if rank is None:
-            sized.append(None)
-            continue
-        if rank > max_rank:
-            log.warning("layer %s mode %d: the ε-rank on calibration data is %d, above --max-rank %d; it will keep "
-                        "less energy than ε", layer, mode, rank, max_rank)
-        sized.append(min(max_rank, rank + rank // 4 + 1))
-    return sized
+def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, max_rank: int, ram_budget_mb: float | None,
+            calibration_data: np.ndarray | None, batch: int,
+            loss: Loss) -> tuple[dict[str, dict], dict[str, np.ndarray], float, str]:
+    """Static ranks of every compressed layer from the calibration data.
+
+    Returns:
+        ``(sizing, first batch of saved inputs for asi, ε used, how asi chose its ranks)``; ``sizing[layer]``
+        has ``ranks`` (static), ``eps_ranks`` (on the calibration data) and ``note`` (``--max-rank`` binding); for
+        ``asi`` also
+        ``asi_epsilon`` and ``gradient_error``, the ε each layer's ranks come from and their measured error.
+
+    Raises:
+        ConversionError: a compressed method without calibration data, or calibration data that does not fit.
+    """
+    nodes = [n for n in sp.trainable if n.keras_type in COMPRESSIBLE]
+    if method == Method.NONE or not nodes:
+        return {}, {}, epsilon, "eps"
+    if calibration_data is None:
+        raise ConversionError(
+            f"--compression {method.value} needs --calibration-data (representative inputs, at least one train "
+            f"batch of {batch}): the static ranks, and so the memory each layer allocates, are sized from the "
+            "ε-ranks measured on it; without data use --compression none")
+    calibration_data = np.asarray(calibration_data, np.float32)
+    if calibration_data.shape[1:] != graph.input_shape:
+        raise ConversionError(f"calibration data has samples of shape {calibration_data.shape[1:]}, the model "
+                              f"takes {graph.input_shape}")
+    try:
+        calib = calibrate(graph, sp, calibration_data, batch)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    log.info("calibrated on %d samples (%d whole batches of %d)", calib.samples, calib.batches, batch)
+    used_eps, selection = epsilon, "eps"
+    if method == Method.ASI:
+        budget = None if ram_budget_mb is None else int(ram_budget_mb * 2**20)
+        errors = gradient_errors(graph, sp, loss, calibration_data, batch, nodes)
+        try:
+            plan = choose_ranks([calib.first_batch[n.name] for n in nodes], epsilon, budget, max_rank, errors)
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
+        used_eps, selection = min(plan.epsilons), plan.selection
+        eps_ranks = {n.name: r for n, r in zip(nodes, plan.ranks, strict=True)}
+        chosen = {n.name: dict(asi_epsilon=e, gradient_error=err)
+                  for n, e, err in zip(nodes, plan.epsilons, plan.errors, strict=True)}
+        static = {name: (r, [m for m, k in enumerate(r) if k == max_rank]) for name, r in eps_ranks.items()}
+    else:
+        modes = (0, 1, 2, 3) if method == Method.HOSVD else (0,)
+        eps_ranks = {n.name: calib.layers[n.name].eps_ranks(epsilon, modes) for n in nodes}
+        static = {n.name: static_ranks(eps_ranks[n.name], saved_shape(n, batch), max_rank) for n in nodes}
+    sizing = {}
+    for node in nodes:
+        ranks, capped = static[node.name]
+        note = None
+        if capped:
+            note = f"--max-rank {max_rank} binds in mode(s) {', '.join(MODE_NAMES[m] for m in capped)}"
+            log.warning("layer %s: %s (its ε-rank on the calibration data is larger), so it keeps less energy "
+                        "than ε there", node.name, note)
+        shape = saved_shape(node, batch)
+        fitted = fitted_ranks(ranks, shape)
+        if method != Method.NONE and not compresses(shape, fitted):
+            would = 4 * tucker_elements(shape, tuple(fitted))
+            note = (f"saved uncompressed: at ranks {_full_ranks(fitted, shape)} it would allocate "
+                    f"{would / 1024:,.1f} KiB, not less than vanilla {4 * math.prod(shape) / 1024:,.1f} KiB")
+        sizing[node.name] = {"ranks": ranks, "eps_ranks": eps_ranks[node.name], "note": note,
+                             **(chosen.get(node.name, {}) if method == Method.ASI else {})}
+    return sizing, calib.first_batch, used_eps, selection
 
 
 def convert(
@@ -139,6 +221,9 @@ def convert(
     weight_decay: float = 0.0,
     max_rank: int = 32,
     subspace_iters: int = 1,
+    warm_start: bool = True,
+    oversample: int = 4,
+    batch_iters: int = 3,
     calibration_data: np.ndarray | None = None,
     ram_budget_mb: float | None = None,
     labels: Sequence[str] | None = None,
@@ -146,6 +231,7 @@ def convert(
     loss: str = "auto",
     micro_batch: int = 1,
     measure_memory: bool = True,
+    compare_vanilla: bool = True,
     progress=None,
 ) -> Manifest:
     """Convert a Keras model into a training bundle.
@@ -159,17 +245,31 @@ def convert(
         batch_sizes: static batch sizes of the train signatures; the first is the default (``train``).
         optimizer: ``sgd`` or ``adam``.
         learning_rate, momentum, weight_decay: optimizer settings (the learning rate stays settable on device).
-        max_rank: cap on the static rank per mode for ``svd``/``hosvd``/``asi``; with calibration data the
-            static ranks of ``svd``/``hosvd`` are sized from the measured ε-ranks, below this cap.
+        max_rank: cap on the static rank per mode for ``svd``/``hosvd``/``asi`` (the static ranks are sized from
+            the measured ε-ranks below it; where it binds the layer's note says so).
         subspace_iters: subspace-iteration steps per mode for ``svd``/``hosvd``.
-        calibration_data: representative inputs (N, ...) for ``asi`` ranks and the reported ε-ranks.
-        ram_budget_mb: for ``asi``: the budget of all saved activations; ε is lowered until it fits.
+        warm_start: ``hosvd``: start each step's iteration from the previous step's bases (kept in variables;
+            the first step starts from the calibration data's bases); the batch mode always starts cold.
+        oversample: ``hosvd``: columns iterated beyond each static rank (sharper bases, not saved).
+        batch_iters: ``hosvd``: subspace-iteration steps of the batch mode (cold at every step; B × B, cheap).
+        calibration_data: representative inputs (N, ...), at least one train batch; required for ``svd``,
+            ``hosvd`` and ``asi``: the static ranks (what each layer allocates) come from their ε-ranks on all of
+            it (see :mod:`converter.calibration`).
+        ram_budget_mb: for ``asi``: the budget of all saved activations; when ε does not fit, each layer takes
+            the candidate ε that minimises the summed gradient error measured on the calibration data (a knapsack,
+            :func:`converter.compression.asi.choose_ranks`).
         labels: class names (default ``class_0``…).
         input_spec: extra :class:`~hosvd_contract.InputSpec` fields (``layout``, ``mean``, ``std``,
             ``channels``, ``rate_hz``).
-        loss: ``auto`` (cross-entropy after a final softmax, else MSE), ``sparse_categorical_crossentropy``, ``mse``.
+        loss: ``auto`` (the model's compiled loss, else cross-entropy after a final softmax, else an error),
+            ``sparse_categorical_crossentropy`` / ``categorical_crossentropy`` (on logits when the model has no
+            final softmax; labels are class indices either way), ``mse``. See :func:`converter.losses.choose_loss`.
         micro_batch: micro-batch of the frozen prefix in the measured ``streamed`` plan.
         measure_memory: run each train signature once on ai-edge-litert in a child process and record its RSS.
+        compare_vanilla: with ``measure_memory`` and a compressed method, also convert the same model with
+            ``none`` (into a temporary directory) and record its measured peaks beside each plan, so the table
+            shows what compression saved in this conversion (adds one uncompressed conversion and its
+            measurement, usually well under the compressed one's time).
         progress: optional callable ``(stage: str) -> None`` called as each stage starts.
 
     Returns:
@@ -194,52 +294,24 @@ def convert(
     notify("parse")
     if not isinstance(model, keras.Model):
         model = load_model(model)
+    compiled_loss = model.loss if getattr(model, "compiled", False) else None
     graph = parse_model(model)
     sp = split(graph, train_last)
-    loss_kind = Loss.CROSSENTROPY if graph.final_softmax else Loss.MSE
-    if loss != "auto":
-        loss_kind = Loss(loss)
-    if loss_kind == Loss.CROSSENTROPY and not graph.final_softmax:
-        raise ConversionError("cross-entropy needs a model that ends in softmax (the converter trains on its logits)")
+    loss_kind = choose_loss(loss, graph.final_softmax, compiled_loss)
 
     notify("calibrate")
     default_batch = batch_sizes[0]
-    compressed_nodes = [n for n in sp.trainable if n.keras_type in COMPRESSIBLE]
-    activations = {}
-    if calibration_data is not None:
-        calibration_data = np.asarray(calibration_data, np.float32)
-        if calibration_data.shape[1:] != graph.input_shape:
-            raise ConversionError(f"calibration data has samples of shape {calibration_data.shape[1:]}, the model "
-                                  f"takes {graph.input_shape}")
-        activations = saved_activations(graph, sp, calibration_data, default_batch)
-    elif method == Method.ASI:
-        log.warning("asi without calibration data: ranks and bases come from random inputs; pass "
-                    "--calibration-data for realistic ranks")
-        rng = np.random.default_rng(0)
-        activations = saved_activations(graph, sp, rng.random((default_batch, *graph.input_shape), np.float32),
-                                        default_batch)
-    static_ranks, used_eps = None, epsilon
-    calibrated: dict[str, list[int | None]] = {}
-    if method == Method.ASI and compressed_nodes:
-        budget = None if ram_budget_mb is None else int(ram_budget_mb * 2**20)
-        try:
-            ranks, used_eps = choose_ranks([activations[n.name] for n in compressed_nodes], epsilon, budget, max_rank)
-        except ValueError as err:
-            raise ConversionError(str(err)) from None
-        static_ranks = {n.name: r for n, r in zip(compressed_nodes, ranks, strict=True)}
-        calibrated = dict(static_ranks)
-    elif activations and method in (Method.HOSVD, Method.SVD):
-        modes = (0, 1, 2, 3) if method == Method.HOSVD else (0,)
-        for node in compressed_nodes:
-            act = activations[node.name]
-            found = dict(zip(modes, eps_ranks(act, epsilon, modes), strict=True))
-            calibrated[node.name] = [None if (m not in modes or act.shape[m] == 1) else found[m] for m in range(4)]
-        static_ranks = {name: sized_max_ranks(name, ranks, max_rank) for name, ranks in calibrated.items()}
+    sizing, first_batch, used_eps, selection = _sizing(graph, sp, method, epsilon, max_rank, ram_budget_mb,
+                                                       calibration_data, default_batch, loss_kind)
 
     notify("build")
     opt_cfg = OptimizerConfig(name=opt_name, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
-    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters)
-    module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes, static_ranks, activations)
+    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters,
+                                   warm_start=warm_start, oversample=oversample, batch_iters=batch_iters)
+    module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes,
+                            {name: sized["ranks"] for name, sized in sizing.items()}, first_batch)
+
+    infos = _layer_infos(graph, sp, module, default_batch, sizing)
 
     notify("convert")
     flatbuffer = to_tflite(module)
@@ -256,8 +328,11 @@ def convert(
     spec_fields = dict(shape=list(graph.input_shape), layout=_default_layout(graph.input_shape))
     spec_fields |= input_spec or {}
     comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
+    if method == Method.HOSVD:
+        comp |= {"warm_start": warm_start, "oversample": oversample, "batch_iters": batch_iters}
     if method == Method.ASI:
-        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb}
+        comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb,
+                 "selection": selection}
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_name=model.name,
@@ -274,7 +349,7 @@ def convert(
         train_signatures=[TrainSignature(b, Sig.train_name(b, default_batch),
                                          Sig.train_name(b, default_batch, from_features=True)) for b in batch_sizes],
         weights=list(module.weight_specs),
-        layers=_layer_infos(graph, sp, module, default_batch, calibrated),
+        layers=infos,
         op_census=op_census(flatbuffer),
         versions={"hosvd_edge": converter.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
                   "convert_seconds": f"{convert_seconds:.1f}"},
@@ -286,15 +361,28 @@ def convert(
     (out / MANIFEST_FILE).write_text(manifest.to_json())
 
     notify("measure")
+    vanilla = {}
+    if measure_memory and compare_vanilla and any(i.compression not in (None, "none") for i in infos):
+        with tempfile.TemporaryDirectory(prefix="hosvd-vanilla-") as tmp_dir:
+            baseline = convert(model, tmp_dir, train_last=train_last, compression="none", batch_sizes=batch_sizes,
+                               optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+                               weight_decay=weight_decay, loss=loss, labels=labels, input_spec=input_spec,
+                               micro_batch=micro_batch, compare_vanilla=False)
+        vanilla = {(m.batch_size, m.mode): m for m in baseline.memory_plan}
     plan = []
     for batch in batch_sizes:
+        batch_infos = infos if batch == default_batch else _layer_infos(graph, sp, module, batch, sizing)
         for mode, micro in (("whole", batch), ("streamed", min(micro_batch, batch))):
             entry = dict(batch_size=batch, mode=mode, micro_batch=micro,
-                         estimated_peak_bytes=_estimate_peak(graph, sp, module, batch, micro))
+                         estimated_peak_bytes=_estimate_peak(sp, module, batch_infos, batch, micro))
             if measure_memory:
                 result = measure(out, batch, mode, micro)
                 entry |= dict(measured_peak_rss_bytes=result["peak_rss_bytes"],
-                              measured_base_rss_bytes=result["base_rss_bytes"], runtime=result["runtime"])
+                              measured_base_rss_bytes=result["base_rss_bytes"], runtime=result["runtime"],
+                              measured_anon_rss_bytes=result["anon_rss_bytes"])
+            if (batch, mode) in vanilla:
+                entry |= dict(vanilla_peak_rss_bytes=vanilla[batch, mode].measured_peak_rss_bytes,
+                              vanilla_anon_rss_bytes=vanilla[batch, mode].measured_anon_rss_bytes)
             plan.append(MemoryPlanEntry(**entry))
     manifest = dataclasses.replace(manifest, memory_plan=plan)
     (out / MANIFEST_FILE).write_text(manifest.to_json())

@@ -7,6 +7,7 @@ TFLite ops only.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -16,12 +17,13 @@ import tensorflow as tf
 
 from converter.compression import Method
 from converter.compression.asi import Asi
-from converter.compression.hosvd import Hosvd, max_ranks
+from converter.compression.factored import Factored, tucker_elements
+from converter.compression.hosvd import Hosvd
 from converter.compression.none import Vanilla
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
 from converter.layers import module_for
-from converter.layers.base import INFERENCE, ForwardContext, Node
+from converter.layers.base import INFERENCE, ForwardContext, Node, depend
 from converter.losses import LOSSES, Loss
 from converter.optimizers import OptimizerConfig, apply
 from hosvd_contract import Sig, WeightSpec
@@ -35,11 +37,24 @@ class CompressionSettings:
     epsilon: float = 0.8
     max_rank: int = 32
     iters: int = 1
+    warm_start: bool = True  # hosvd: start each step's subspace iteration from the previous step's bases
+    oversample: int = 4  # hosvd: extra iteration columns beyond the static rank (not saved)
+    batch_iters: int = 3  # hosvd/svd: steps for the batch mode, which starts cold at every step
 
 
 def weight_name(layer: str, role: str) -> str:
     """A signature-safe tensor name for ``layer``/``role`` (letters, digits, underscores)."""
     return re.sub(r"[^0-9A-Za-z_]", "_", f"{layer}__{role}".replace("optimizer:", "").replace("compression:", ""))
+
+
+def fitted_ranks(ranks: list[int | None], shape: tuple[int, ...]) -> list[int | None]:
+    """``ranks`` at a given saved shape: a rank that reaches its mode's size means the whole mode (``None``)."""
+    return [None if r is None or r >= size else r for r, size in zip(ranks, shape, strict=True)]
+
+
+def compresses(shape: tuple[int, ...], ranks: list[int | None]) -> bool:
+    """True when the Tucker form at ``ranks`` allocates less than the activation itself."""
+    return tucker_elements(shape, tuple(ranks)) < math.prod(shape)
 
 
 def saved_shape(node: Node, batch: int) -> tuple[int, ...]:
@@ -93,26 +108,33 @@ class TrainingModule(tf.Module):
         return var
 
     def _compressor(self, node: Node, batch: int, ranks_by_node, calibration):
+        """The layer's compression at ``batch``: the method at the ranks sized at conversion (calibration, asi
+        budget), a mode whose rank reaches its size kept whole, and :class:`Vanilla` where no ranks were given or
+        the compressed form would allocate at least as much as the activation itself."""
         shape = saved_shape(node, batch)
         c = self.compression
-        if c.method == Method.NONE:
+        wanted = (ranks_by_node or {}).get(node.name)
+        if c.method == Method.NONE or wanted is None:
+            return Vanilla(shape)
+        ranks = fitted_ranks(wanted, shape)
+        if not compresses(shape, ranks):
             return Vanilla(shape)
         method_cls = {Method.SVD: BatchSvd, Method.HOSVD: Hosvd}.get(c.method)
-        if ranks_by_node and node.name in ranks_by_node:  # sized at conversion (calibration, asi budget)
-            ranks = [None if r is None else min(r, size) for r, size in zip(ranks_by_node[node.name], shape,
-                                                                             strict=True)]
-        else:
-            ranks = max_ranks(shape, c.max_rank, method_cls.modes)
-        if method_cls is not None:
-            return method_cls(shape, c.epsilon, ranks, c.iters)
         suffix = "" if batch == self.batch_sizes[0] else f"_b{batch}"
-        calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
-        asi = Asi(shape, ranks, calib, name=weight_name(node.layer, "asi") + suffix)
-        for role, var in asi.variables().items():
+        name = weight_name(node.layer, c.method.value) + suffix
+        if method_cls is not None:
+            calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
+            extras = (dict(warm=c.warm_start, oversample=c.oversample, batch_iters=c.batch_iters)
+                      if c.method == Method.HOSVD else {})  # svd has only the batch mode: its steps are ``iters``
+            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, **extras)
+        else:
+            calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
+            compressor = Asi(shape, ranks, calib, name=name)
+        for role, var in compressor.variables().items():
             self._vars.append(var)
             self.weight_specs.append(WeightSpec(name=var.name.split(":")[0], layer=node.layer, role=role,
                                                 shape=list(var.shape)))
-        return asi
+        return compressor
 
     # -- graph pieces -------------------------------------------------------------------------------------
     def _params(self, node: Node) -> dict:
@@ -120,8 +142,8 @@ class TrainingModule(tf.Module):
             return dict(self.trainable_vars[node.name])
         return frozen_params(node)
 
-    def _run(self, nodes: list[Node], tensors: dict[int, tf.Tensor], ctx_for) -> dict[str, object]:
-        return run_nodes(nodes, tensors, self._params, ctx_for)
+    def _run(self, nodes: list[Node], tensors: dict[int, tf.Tensor], ctx_for, tie: bool = False) -> dict[str, object]:
+        return run_nodes(nodes, tensors, self._params, ctx_for, tie)
 
     def prefix(self, x: tf.Tensor) -> tf.Tensor:
         tensors = {self.graph.input_id: x}
@@ -134,7 +156,7 @@ class TrainingModule(tf.Module):
         return tensors[self.graph.output]
 
     def _outputs(self, logits: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(logits) if self.graph.final_softmax else logits
+        return tf.nn.softmax(logits) if self.loss == Loss.CROSSENTROPY else logits  # probabilities, logits or not
 
     def evaluate_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         loss, _, correct = LOSSES[self.loss](self._suffix_inference(features), y)
@@ -153,13 +175,7 @@ class TrainingModule(tf.Module):
             state_updates.extend(updates)
             return factored
 
-        training = ForwardContext(training=True, compress=compress)
-        needs_grad = self.split.needs_grad
-        tensors = {self.split.features: features}
-        saved = self._run(self.split.suffix, tensors,
-                          lambda node: training if node.output in needs_grad else INFERENCE)
-        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
-        weight_grads = self._backward(saved, dlogits)
+        loss, correct, weight_grads = self.gradients(features, y, compress)
         step = self.step + 1.0
         updates = [self.step.assign(step), *state_updates]
         lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
@@ -170,6 +186,17 @@ class TrainingModule(tf.Module):
         with tf.control_dependencies(updates):
             return {Sig.LOSS: tf.identity(loss), Sig.CORRECT: tf.identity(correct)}
 
+    def gradients(self, features: tf.Tensor, y: tf.Tensor, compress) -> tuple[tf.Tensor, tf.Tensor, dict]:
+        """Forward the suffix saving each compressible input as ``compress(node, x) -> Factored`` says, the loss,
+        and the backward pass: ``(loss, correct, weight gradients by node and role)``."""
+        training = ForwardContext(training=True, compress=compress)
+        needs_grad = self.split.needs_grad
+        tensors = {self.split.features: features}
+        saved = self._run(self.split.suffix, tensors,
+                          lambda node: training if node.output in needs_grad else INFERENCE, tie=True)
+        loss, dlogits, correct = LOSSES[self.loss](tensors[self.graph.output], y)
+        return loss, correct, self._backward(saved, dlogits)
+
     def _backward(self, saved: dict, dlogits: tf.Tensor) -> dict[str, dict[str, tf.Tensor]]:
         needs_grad = self.split.needs_grad
         grads = {self.graph.output: dlogits}
@@ -179,7 +206,8 @@ class TrainingModule(tf.Module):
                 continue
             dy = grads.pop(node.output)
             wants = [t in needs_grad for t in node.inputs]
-            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), saved[node.name], dy, any(wants))
+            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), after_dy(saved[node.name], dy), dy,
+                                                         any(wants))
             for tensor_id, dx, want in zip(node.inputs, dxs, wants, strict=True):
                 if want and dx is not None:
                     grads[tensor_id] = grads[tensor_id] + dx if tensor_id in grads else dx
@@ -202,8 +230,12 @@ def frozen_params(node: Node) -> dict[str, tf.Tensor]:
     return {role: tf.constant(value) for role, value in node.weights.items()}
 
 
-def run_nodes(nodes: list[Node], tensors: dict[int, tf.Tensor], params_for, ctx_for) -> dict[str, object]:
+def run_nodes(nodes: list[Node], tensors: dict[int, tf.Tensor], params_for, ctx_for,
+              tie: bool = False) -> dict[str, object]:
     """Forward ``nodes`` in order, reading inputs from and writing outputs to ``tensors`` (by tensor id).
+
+    With ``tie`` each output is made to depend on what its node saved (:func:`tie_to_saved`), so the saved form
+    is computed during the forward pass and the full-size input can die there.
 
     Returns what each node saved for its backward pass, by node name.
     """
@@ -213,8 +245,34 @@ def run_nodes(nodes: list[Node], tensors: dict[int, tf.Tensor], params_for, ctx_
         if node.kind == FALLBACK:
             tensors[node.output] = _keras_forward(node, xs[0])
             continue
-        tensors[node.output], saved[node.name] = module_for(node.kind).forward(node, params_for(node), xs,
-                                                                               ctx_for(node))
+        y, saved[node.name] = module_for(node.kind).forward(node, params_for(node), xs, ctx_for(node))
+        tensors[node.output] = tie_to_saved(y, saved[node.name]) if tie else y
+    return saved
+
+
+def tie_to_saved(y: tf.Tensor, saved) -> tf.Tensor:
+    """``y`` made to depend (:func:`~converter.layers.base.depend`) on what its node saved, so the interpreter
+    computes the saved form (Tucker core, packed mask) before anything downstream of ``y`` and the full-size
+    input can die in the forward pass.
+
+    Without it the TFLite converter scheduled the compression where its result is first read, in the backward
+    pass (measured: a layer's hosvd ran after the head's update; its input and a transposed copy were alive
+    across the loss). The core depends on every factor, so it is enough.
+    """
+    if isinstance(saved, Factored):
+        return depend(y, saved.core) if any(u is not None for u in saved.factors) else y
+    return depend(y, saved) if isinstance(saved, tf.Tensor) and saved is not y else y
+
+
+def after_dy(saved, dy: tf.Tensor):
+    """The saved form of a node made to depend on its output gradient, so what its backward computes from it
+    (the expanded core, the padded input, masked factors) runs in that backward step, not in the forward pass.
+
+    Without it the converter merged the weight gradient's zero-padding of a whole saved input with the forward
+    convolution's own padding and kept the padded copy (65 % larger at 7×7 with a 3×3 kernel) instead of the
+    input."""
+    if isinstance(saved, Factored):
+        return Factored(depend(saved.core, dy), tuple(None if u is None else depend(u, dy) for u in saved.factors))
     return saved
 
 

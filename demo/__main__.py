@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from demo.broker import parse_broker
-from demo.datasets import DATASETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,11 +18,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pre-train a small model ('factory'), convert it with HOSVD compression, and let a "
         "simulated device learn a new user's recordings over MQTT; print and save the before/after summary.",
     )
+    from demo.run import DEMOS
+
     parser.add_argument(
         "--dataset",
-        choices=DATASETS,
-        default="basicmotions",
-        help="basicmotions (smartwatch IMU, default) or digits (8x8 images)",
+        choices=DEMOS,
+        default="digits-wide",
+        help="digits-wide (default: 8x8 digits through wide 32x32 activations; fit picks the depth under the RAM "
+        "ceiling and the device refuses a deeper vanilla bundle), basicmotions (smartwatch IMU) or digits",
     )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (default demo-out)")
     parser.add_argument(

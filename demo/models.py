@@ -80,7 +80,40 @@ def digits_cnn(classes: int = 10, name: str = "digits_cnn") -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
-MODELS = {"basicmotions": imu_cnn, "digits": digits_cnn}
+def digits_wide(classes: int = 10, name: str = "digits_wide") -> keras.Model:
+    """The 8×8 digits seen at 32×32 (bilinear upsampling inside the model) through wide early activations.
+
+    Every 1×1 convolution at 32×32 saves a ``B × 32 × 32 × 32`` input for its weight gradient (8 MiB at batch
+    64): the deeper the fine-tuning, the more memory a training step takes, so a RAM ceiling decides how many
+    layers a device can train (what the demo's ``fit`` stage shows).
+
+    Args:
+        classes: output classes ``K``.
+        name: Keras model name.
+
+    Returns:
+        A model ``(B, 8, 8, 1) -> (B, K)`` probabilities.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((8, 8, 1), name="x")
+    x = layers.UpSampling2D(4, interpolation="bilinear", name="upsample")(inputs)
+    x = layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(x)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU(name="relu")(x)
+    x = layers.Conv2D(32, 1, activation="relu", name="pw1")(x)
+    x = layers.Conv2D(32, 1, activation="relu", name="pw2")(x)
+    x = layers.MaxPooling2D(2, strides=2, name="pool1")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv16")(x)
+    x = layers.MaxPooling2D(2, strides=2, name="pool2")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv8")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+MODELS = {"basicmotions": imu_cnn, "digits": digits_cnn, "digits-wide": digits_wide}
 
 
 def build(dataset: str, classes: int, seed: int = 0) -> keras.Model:

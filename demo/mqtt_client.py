@@ -187,6 +187,21 @@ class DeviceClient:
             return None
 
     # -- requests --
+    def refusal(self, command: str, payload: dict[str, Any] | None = None, timeout_s: float = 30.0) -> str:
+        """Send a request the device is expected to refuse and return its error message.
+
+        Raises:
+            DeviceError: the device accepted it, or did not answer in time.
+        """
+        try:
+            data = self.request(command, payload, timeout_s)
+        except DeviceError as err:
+            prefix = f"device refused {command}: "
+            if str(err).startswith(prefix):
+                return str(err)[len(prefix):]
+            raise
+        raise DeviceError(f"the device accepted {command} where a refusal was expected: {data}")
+
     def request(self, command: str, payload: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
         """Send ``request/<command>`` and wait for the matching ``response/<command>``.
 

@@ -52,6 +52,8 @@ class Summary:
     device_report: dict[str, Any] | None = None
     device_evaluate: dict[str, Any] | None = None
     progress: list[dict[str, Any]] = field(default_factory=list)
+    train_last: int = 0
+    ceiling: dict[str, Any] | None = None
 
 
 def write_summary(summary: Summary, out_dir: Path) -> Path:
@@ -130,6 +132,23 @@ def plot_report(summary: Summary, path: Path) -> Path:
     return path
 
 
+def ceiling_lines(ceiling: dict[str, Any] | None) -> list[str]:
+    """What ``fit`` found under the RAM ceiling and what the device did with it (empty without a fit stage)."""
+    if not ceiling:
+        return []
+    hosvd, vanilla, refused = ceiling["hosvd"], ceiling["vanilla"], ceiling["vanilla_refused"]
+    of = ceiling["max_train_last"]
+    return [
+        f"RAM ceiling {ceiling['ram_ceiling_mb']:g} MiB (fit counts device base {ceiling['device_base_mb']:g} + "
+        f"margin {ceiling['margin_mb']:g} MiB): hosvd trains the last {hosvd['train_last']} of {of} weighted "
+        f"layers (needs {hosvd['need_mib']:.1f} MiB), vanilla the last {vanilla['train_last']} "
+        f"({vanilla['need_mib']:.1f} MiB)",
+        f"Vanilla with the last {refused['train_last']} layers would need {refused['need_mib']:.1f} MiB: the "
+        f"device refused it: {refused['device_message']}",
+        f"hosvd used {ceiling['hosvd_used_mib']} MiB on the device (daemon + training child)",
+    ]
+
+
 def summary_text(summary: Summary) -> str:
     """A few lines for the terminal."""
     peak = f"{summary.peak_rss_mib:.0f} MiB" if summary.peak_rss_mib is not None else "n/a"
@@ -146,6 +165,7 @@ def summary_text(summary: Summary) -> str:
         f"(RAM ceiling for both: {summary.ram_ceiling_mib:.0f} MiB)",
         f"Saved activations: {summary.saved_activation_mib * 1024:.1f} KiB with {summary.compression} vs "
         f"{summary.saved_activation_mib_vanilla * 1024:.1f} KiB vanilla ({saved_ratio:.1f}x smaller)",
+        *ceiling_lines(summary.ceiling),
         f"Summary: {summary.paths.get('summary', '')}",
         f"Report:  {summary.paths.get('report', '')}",
     ]

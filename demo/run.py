@@ -50,6 +50,9 @@ class Settings:
     steps: int
     fast_steps: int
     ram_ceiling_mb: int
+    data: datasets.DatasetName | None = None  # the data set, when the demo's name is not one
+    fit_ceiling: bool = False  # choose the depth with ``hosvd-convert fit`` (the ceiling binds), not train_last
+    device_base_mb: float = 48.0  # fit: what the device holds besides the training step (its refusal names it)
 
 
 SETTINGS: dict[str, Settings] = {
@@ -77,14 +80,32 @@ SETTINGS: dict[str, Settings] = {
         fast_steps=40,
         ram_ceiling_mb=192,
     ),
+    "digits-wide": Settings(
+        factory_fraction=0.5,
+        device_train_fraction=0.2,
+        pretrain_epochs=8,
+        train_last=0,  # chosen by fit under the ceiling
+        batch_size=64,
+        optimizer="adam",
+        learning_rate=3e-3,
+        steps=150,
+        fast_steps=40,
+        ram_ceiling_mb=200,
+        data="digits",
+        fit_ceiling=True,
+        # the device's planner named 81 MiB for the hosvd bundle (daemon 44, evaluation arena, data buffers,
+        # bundle-loaded RSS above the converter's): see docs/demo.md
+        device_base_mb=84.0,
+    ),
 }
+DEMOS = tuple(SETTINGS)
 
 
 @dataclass(frozen=True)
 class Options:
     """What the user asked for on the command line."""
 
-    dataset: datasets.DatasetName = "basicmotions"
+    dataset: str = "digits-wide"
     out_dir: Path = Path("demo-out")
     broker: BrokerAddress | None = None
     fast: bool = False
@@ -108,9 +129,9 @@ class Timer:
             self.seconds[name] = round(time.monotonic() - start, 2)
 
 
-def prepare_data(name: datasets.DatasetName, settings: Settings, seed: int) -> Scenario:
+def prepare_data(name: str, settings: Settings, seed: int) -> Scenario:
     """The demo's scenario for ``name`` with its settings' split fractions (used by ``bench`` too)."""
-    return scenario.prepare(name, settings.factory_fraction, settings.device_train_fraction, seed)
+    return scenario.prepare(settings.data or name, settings.factory_fraction, settings.device_train_fraction, seed)
 
 
 def _fingerprint(**parts: Any) -> str:
@@ -146,6 +167,24 @@ def factory_model(data: Scenario, name: str, settings: Settings, seed: int, cach
     return model
 
 
+def bundle_options(data: Scenario, settings: Settings) -> dict[str, Any]:
+    """The converter options every demo bundle shares: batch, optimizer, input spec, labels, calibration data."""
+    factory = data.factory
+    input_spec: dict[str, Any] = {"layout": factory.layout}
+    if factory.layout == "NLC":
+        input_spec.update(
+            channels=factory.channels, rate_hz=factory.rate_hz, mean=data.mean.tolist(), std=data.std.tolist()
+        )
+    rng = np.random.default_rng(0)
+    return dict(
+        optimizer=settings.optimizer,
+        learning_rate=settings.learning_rate,
+        input_spec=input_spec,
+        labels=factory.labels,
+        calibration_data=data.normalise(factory.x[rng.permutation(len(factory))[:64]]),
+    )
+
+
 def convert_bundle(model: Any, data: Scenario, settings: Settings, bundle_dir: Path) -> Any:
     """Convert the factory model into a training bundle with HOSVD compression (see ``converter.convert``).
 
@@ -156,14 +195,6 @@ def convert_bundle(model: Any, data: Scenario, settings: Settings, bundle_dir: P
 
     if bundle_dir.exists():
         shutil.rmtree(bundle_dir)
-    factory = data.factory
-    input_spec: dict[str, Any] = {"layout": factory.layout}
-    if factory.layout == "NLC":
-        input_spec.update(
-            channels=factory.channels, rate_hz=factory.rate_hz, mean=data.mean.tolist(), std=data.std.tolist()
-        )
-    rng = np.random.default_rng(0)
-    calibration = data.normalise(factory.x[rng.permutation(len(factory))[:64]])
     return convert(
         model,
         bundle_dir,
@@ -171,14 +202,65 @@ def convert_bundle(model: Any, data: Scenario, settings: Settings, bundle_dir: P
         compression="hosvd",
         epsilon=0.8,
         batch_sizes=(settings.batch_size,),
-        optimizer=settings.optimizer,
-        learning_rate=settings.learning_rate,
-        input_spec=input_spec,
-        labels=factory.labels,
-        calibration_data=calibration,
         measure_memory=True,
         progress=lambda stage: log.info("convert: %s", stage),
+        **bundle_options(data, settings),
     )
+
+
+@dataclass(frozen=True)
+class CeilingFit:
+    """What ``fit`` found under the demo's ceiling, and the vanilla bundle the device is to refuse.
+
+    Attributes:
+        hosvd, vanilla: the searches (``converter.fit.FitResult``) for ``hosvd`` and ``none``.
+        refused_bundle: name of the vanilla bundle one layer deeper than vanilla fits (or at hosvd's depth when
+            hosvd trains deeper), in the bundles directory.
+        refused: its measured candidate (``converter.fit.Candidate``).
+    """
+
+    hosvd: Any
+    vanilla: Any
+    refused_bundle: str
+    refused: Any
+
+
+def fit_bundles(model: Any, data: Scenario, settings: Settings, bundles_dir: Path, name: str) -> CeilingFit:
+    """Run ``fit`` for ``hosvd`` and for ``none`` under the ceiling, and keep the vanilla bundle that does not fit.
+
+    Raises:
+        ValueError: the ceiling does not bind (vanilla trains every layer), so there is nothing to refuse.
+    """
+    from converter.fit import MIB, fit, measure_candidate
+
+    work = bundles_dir.parent / "fit-candidates"
+    options = bundle_options(data, settings)
+    common: dict[str, Any] = dict(
+        ram_ceiling_mb=settings.ram_ceiling_mb,
+        batch_size=settings.batch_size,
+        device_base_mb=settings.device_base_mb,
+        on_candidate=lambda c: log.info(
+            "fit %s: last %d layers need %.1f MiB (%s)", c.method, c.train_last, c.need_mib,
+            "fits" if c.fits else "too big"
+        ),
+        **options,
+    )
+    hosvd = fit(model, bundles_dir / f"{name}-hosvd", method="hosvd", **common)
+    vanilla = fit(model, work / "none-chosen", method="none", candidates_dir=work / "none", **common)
+    depth = max(hosvd.chosen.train_last, vanilla.chosen.train_last + 1)
+    if depth > vanilla.max_train_last:
+        raise ValueError(f"ram_ceiling_mb {settings.ram_ceiling_mb} does not bind: vanilla trains every layer")
+    refused = next((c for c in vanilla.candidates if c.train_last == depth), None)
+    target = bundles_dir / f"{name}-none-last{depth}"
+    shutil.rmtree(target, ignore_errors=True)
+    if refused is None:  # hosvd trains deeper than the vanilla search looked: convert that one too
+        extra = int((vanilla.device_base_mb + vanilla.margin_mb) * MIB)
+        refused = measure_candidate(model, target, "none", depth, int(settings.ram_ceiling_mb * MIB), extra,
+                                    batch_sizes=[settings.batch_size], epsilon=0.8, **options)
+    else:
+        shutil.move(str(work / "none" / f"none-{depth}"), target)
+    shutil.rmtree(work, ignore_errors=True)
+    return CeilingFit(hosvd, vanilla, target.name, refused)
 
 
 def saved_activation_mib(manifest: Any) -> tuple[float, float]:
@@ -326,8 +408,14 @@ def run(options: Options) -> Summary:
         log.info("Factory model on the held-out recordings: %.1f%% as recorded", 100 * factory_acc)
     bundle_name = f"{options.dataset}-hosvd"
     bundle_dir = out / "bundles" / bundle_name
-    with timer.stage("convert"):
-        manifest = convert_bundle(model, data, settings, bundle_dir)
+    ceiling: CeilingFit | None = None
+    if settings.fit_ceiling:
+        with timer.stage("fit"):
+            ceiling = fit_bundles(model, data, settings, out / "bundles", options.dataset)
+        manifest = ceiling.hosvd.manifest
+    else:
+        with timer.stage("convert"):
+            manifest = convert_bundle(model, data, settings, bundle_dir)
     saved, saved_vanilla = saved_activation_mib(manifest)
 
     with timer.stage("accuracy before"):
@@ -343,13 +431,20 @@ def run(options: Options) -> Summary:
                 broker, protocol = stack.enter_context(embedded_broker()), "3.1.1"
             else:
                 broker, protocol = options.broker, "5"
-        sections = device_config(out, broker, protocol, bundle_name, settings, steps)
+        first_bundle = ceiling.refused_bundle if ceiling is not None else bundle_name
+        sections = device_config(out, broker, protocol, first_bundle, settings, steps)
         config_path = write_config(out / "device" / "device.toml", sections, sources)
         with timer.stage("device start"):
             client = stack.enter_context(DeviceClient(broker, DEVICE_ID, BASE_TOPIC, protocol))
             stack.enter_context(device_process(config_path, out / "device" / "device.log"))
             client.wait_for_state({"idle", "collecting"}, timeout_s=120, live=True)
             status = wait_for_windows(client, expected=len(user), timeout_s=120)
+        refusal = None
+        if ceiling is not None:
+            with timer.stage("vanilla refused"):
+                refusal = client.refusal("train", {"steps": steps}, timeout_s=120)
+                log.info("The device refused the vanilla bundle %s: %s", ceiling.refused_bundle, refusal)
+                client.request("reload", {"bundle": bundle_name}, timeout_s=120)
         with timer.stage("device training"):
             progress, report = train_over_mqtt(client, steps, options.progress_bar, timeout_s=600)
         with timer.stage("device evaluate"):
@@ -378,6 +473,7 @@ def run(options: Options) -> Summary:
         batch_size=settings.batch_size,
         compression="hosvd",
         epsilon=0.8,
+        train_last=manifest.train_last,
         broker=f"{'embedded amqtt' if options.broker is None else 'external'} {broker}",
         seconds=timer.seconds,
         paths={
@@ -392,11 +488,39 @@ def run(options: Options) -> Summary:
         device_report=report,
         device_evaluate=device_eval,
         progress=progress,
+        ceiling=None if ceiling is None else ceiling_summary(ceiling, refusal, peak, status.get("daemon_rss_mb")),
     )
     plot_report(summary, out / REPORT_FILE)
     write_summary(summary, out)
     log.debug("Settings: %s", asdict(settings))
     return summary
+
+
+def ceiling_summary(ceiling: CeilingFit, refusal: str | None, peak_mib: float | None,
+                    daemon_mib: Any) -> dict[str, Any]:
+    """The summary's ``ceiling`` part: what each method could train under it, what vanilla needed, what hosvd
+    used on the device."""
+
+    def searched(result: Any) -> dict[str, Any]:
+        c = result.chosen
+        return {"train_last": c.train_last, "need_mib": round(c.need_mib, 1), "measured_peak_mib": round(c.peak_mib, 1),
+                "saved_allocated_mib": round(c.saved_bytes_allocated / MIB, 2),
+                "candidates": [(x.train_last, round(x.need_mib, 1), x.fits) for x in result.candidates]}
+
+    hosvd_used = None if peak_mib is None or daemon_mib is None else round(peak_mib + float(daemon_mib), 1)
+    return {
+        "ram_ceiling_mb": ceiling.hosvd.ceiling_mb,
+        "device_base_mb": ceiling.hosvd.device_base_mb,
+        "margin_mb": ceiling.hosvd.margin_mb,
+        "max_train_last": ceiling.hosvd.max_train_last,
+        "hosvd": searched(ceiling.hosvd),
+        "vanilla": searched(ceiling.vanilla),
+        "vanilla_refused": {"bundle": ceiling.refused_bundle, "train_last": ceiling.refused.train_last,
+                            "need_mib": round(ceiling.refused.need_mib, 1),
+                            "measured_peak_mib": round(ceiling.refused.peak_mib, 1), "device_message": refusal},
+        "hosvd_used_mib": hosvd_used,
+        "fit_seconds": round(ceiling.hosvd.seconds + ceiling.vanilla.seconds, 1),
+    }
 
 
 def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> dict[str, Any]:
@@ -415,4 +539,4 @@ def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> d
     return client.wait_for("status", done, timeout_s, f"idle with {expected} stored windows", live=True)
 
 
-__all__ = ["SETTINGS", "Options", "Summary", "run", "summary_text"]
+__all__ = ["DEMOS", "SETTINGS", "Options", "Summary", "run", "summary_text"]

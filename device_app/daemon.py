@@ -29,7 +29,17 @@ from device_app.bundle import resolve_bundle
 from device_app.collector import Collector
 from device_app.config import Config
 from device_app.homeassistant import Discovery
-from device_app.jobs import Busy, ChildError, JobRunner, TrainOptions, make_job, probe_bundle, start_training
+from device_app.jobs import (
+    Busy,
+    ChildError,
+    JobRunner,
+    TrainOptions,
+    fleet_start_weights,
+    install_fleet_weights,
+    make_job,
+    probe_bundle,
+    start_training,
+)
 from device_app.mqtt_link import MqttLink
 from device_app.plan import PlanError
 from device_app.requests import (
@@ -128,7 +138,7 @@ class Daemon:
         self.handlers = {
             "train": self.cmd_train, "stop": self.cmd_stop, "evaluate": self.cmd_evaluate,
             "status": self.cmd_status, "label": self.cmd_label, "collect": self.cmd_collect,
-            "rollback": self.cmd_rollback, "reload": self.cmd_reload,
+            "rollback": self.cmd_rollback, "reload": self.cmd_reload, "install_fleet": self.cmd_install_fleet,
         }
 
     @property
@@ -363,7 +373,7 @@ class Daemon:
     def cmd_train(self, req: TrainRequest, props: Any) -> dict[str, Any]:
         loaded = self.verify_bundle()
         options = TrainOptions(steps=req.steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-                               transaction=req.transaction)
+                               transaction=req.transaction, start_weights=self._fleet_start(req.fleet_round))
 
         def progress(event: dict[str, Any]) -> None:
             self.link.publish("progress", {"transaction": req.transaction, **event}, qos=0)
@@ -379,6 +389,15 @@ class Daemon:
         self.snapshot.update(job={"transaction": req.transaction, "steps": run.job.steps, "plan": run.plan.to_dict(),
                                   "started": run.started}, progress=None)
         return {"accepted": True, "steps": run.job.steps, "plan": run.plan.to_dict()}
+
+    def _fleet_start(self, fleet_round: bool) -> str | None:
+        """The fleet round's global weights file for a request with ``fleet_round`` (``None`` without)."""
+        if not fleet_round:
+            return None
+        path = fleet_start_weights(self.cfg)
+        if not path.is_file():
+            raise CommandError(f"fleet_round: no global weights at {path} (the fleet ClientApp writes them)")
+        return str(path)
 
     def _report(self, report: dict[str, Any]) -> None:
         self.snapshot.update(report=report, job=None, progress=None)
@@ -404,7 +423,8 @@ class Daemon:
                 self._refuse("evaluate", props, req.transaction, error)
 
         job = make_job(self.cfg, "evaluate", loaded.path, split=req.split, transaction=req.transaction,
-                       eval_batch=loaded.manifest.default_batch_size, expected_sha256=loaded.manifest.sha256)
+                       eval_batch=loaded.manifest.default_batch_size, expected_sha256=loaded.manifest.sha256,
+                       start_weights=self._fleet_start(req.fleet_round))
         self.jobs.submit(job, limit, lambda event: None, done)
         return DEFERRED
 
@@ -445,6 +465,15 @@ class Daemon:
         newest = checkpoint.listing(directory)
         self.publish_status()
         return {"discarded": discarded.name, "global_step": newest[0][0] if newest else 0}
+
+    def cmd_install_fleet(self, req: Request, props: Any) -> dict[str, Any]:
+        """Make the fleet's final global weights (left by the fleet ClientApp) the newest checkpoint."""
+        manifest = self._need_bundle().manifest
+        if self.jobs.kind is not None:
+            raise CommandError(f"busy: cannot install the fleet's weights while a {self.jobs.kind} job runs")
+        path = install_fleet_weights(self.cfg, manifest)
+        self.publish_status()
+        return {"checkpoint": path.name, "global_step": int(path.stem.split("-")[1])}
 
     def cmd_reload(self, req: ReloadRequest, props: Any) -> Deferred:
         if self.jobs.kind is not None:

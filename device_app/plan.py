@@ -15,7 +15,8 @@ time (:mod:`device_app.dataset`), so they depend on the batch and on ``[store] m
 many windows are stored now. A plan fits when ``need <= ram_ceiling_mb``. Among the plans that fit, the largest
 batch wins (the requested one if a request names it); at equal batch, ``streamed`` wins when the feature cache
 is on (later epochs then run only the trainable suffix), else ``whole``. When nothing fits, :class:`PlanError`
-lists every candidate's need.
+lists every candidate's need and the ``hosvd-convert fit`` command (this ceiling, and what this device holds
+besides the converter's measured peak as ``--device-base-mb``) that converts the deepest bundle that fits.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child
     if not candidates:
         raise PlanError("the bundle's memory plan has no usable entry")
     needs = []
+    closest: tuple[int, int, MemoryPlanEntry] | None = None  # (need, device base for fit, entry)
     for e in candidates:
         step = step_bytes(e)
         data = data_buffer_bytes(manifest, e.batch_size, max_windows)
@@ -139,8 +141,26 @@ def choose_plan(manifest: Manifest, *, ceiling_mb: int, daemon_bytes: int, child
         needs.append(f"batch {e.batch_size} {e.mode}"
                      f"{f' (micro-batch {e.micro_batch})' if e.mode == 'streamed' else ''}: "
                      f"{need / MIB:.1f} MiB")
+        if closest is None or need < closest[0]:
+            closest = (need, need - margin - _converter_peak(e, child_base_bytes), e)
     raise PlanError(
         f"no training plan fits ram_ceiling_mb = {ceiling_mb}: daemon {daemon_bytes / MIB:.1f} MiB + bundle "
         f"loaded {child_base_bytes / MIB:.1f} MiB + evaluation + step + data + margin {margin_mb} MiB needs "
-        + "; ".join(needs) + ". Raise [training] ram_ceiling_mb, or convert the bundle with a smaller batch "
-        "or fewer trainable layers")
+        + "; ".join(needs) + ". Raise [training] ram_ceiling_mb, or let the converter pick the deepest fine-tuning "
+        f"that fits this device: {fit_command(ceiling_mb, closest[2].batch_size, closest[1], margin_mb)}")
+
+
+def _converter_peak(entry: MemoryPlanEntry, child_base_bytes: int) -> int:
+    """The peak the converter measured for ``entry`` (the device's probe base + step when it measured none)."""
+    if entry.measured_peak_rss_bytes is not None and entry.measured_base_rss_bytes is not None:
+        return entry.measured_peak_rss_bytes
+    return child_base_bytes + step_bytes(entry)
+
+
+def fit_command(ceiling_mb: int, batch_size: int, device_base_bytes: int, margin_mb: int) -> str:
+    """The ``hosvd-convert fit`` command for this device: its ceiling, and as ``--device-base-mb`` what the device
+    holds besides the converter's measured peak (daemon, evaluation, data buffers, and the difference of this
+    device's bundle-loaded RSS from the converter's), rounded up."""
+    base_mb = -(-max(device_base_bytes, 0) // MIB)
+    return (f"hosvd-convert fit MODEL --ram-ceiling-mb {ceiling_mb} --batch-size {batch_size} "
+            f"--device-base-mb {base_mb} --margin-mb {margin_mb} --calibration-data DATA --out BUNDLE")

@@ -33,11 +33,15 @@ class TrainRequest(Request):
     steps: int | None = spec(None, doc="optimizer steps; default [training] steps", min=1, max=1_000_000)
     batch_size: int | None = spec(None, doc="one of the bundle's train batch sizes", min=1)
     learning_rate: float | None = spec(None, doc="learning rate for this run", min=0.0, max=10.0)
+    fleet_round: bool = spec(False, doc="start from the global weights a fleet ClientApp left in "
+                                        "<state_dir>/fleet/global.npz (docs/fleet.md)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateRequest(Request):
     split: str = spec("val", doc="which stored windows", choices=["val", "train", "all"])
+    fleet_round: bool = spec(False, doc="evaluate the fleet's global weights in <state_dir>/fleet/global.npz "
+                                        "instead of the newest checkpoint")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +71,7 @@ class ReloadRequest(Request):
 COMMANDS: dict[str, type[Request]] = {
     "train": TrainRequest, "stop": Request, "evaluate": EvaluateRequest, "status": Request,
     "label": LabelRequest, "collect": CollectRequest, "rollback": Request, "reload": ReloadRequest,
+    "install_fleet": Request,
 }
 
 

@@ -25,6 +25,7 @@ from device_app.bundle import Bundle
 from device_app.dataset import BatchReader, balanced_batches
 from device_app.jobs.spec import Job
 from device_app.store import Store, disk_full_message, is_disk_full
+from hosvd_contract import BundleError
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
@@ -45,6 +46,25 @@ def restore(bundle: Bundle, checkpoints_root: str) -> checkpoint.Checkpoint | No
     if ckpt is not None:
         bundle.set_weights(ckpt.weights)
         log.info("Restored checkpoint %s (step %d)", ckpt.path, ckpt.step)
+    return ckpt
+
+
+def start_from(bundle: Bundle, job: Job) -> checkpoint.Checkpoint | None:
+    """:func:`restore`, then overlay ``job.start_weights`` (trainable weights only) when the job names a file.
+
+    Raises:
+        BundleError: the file holds a weight that is not trainable in this bundle, or a wrong shape.
+    """
+    ckpt = restore(bundle, job.checkpoints_root)
+    if job.start_weights:
+        trainable = {w.name for w in bundle.manifest.weights if w.trainable}
+        with np.load(job.start_weights, allow_pickle=False) as data:
+            given = {k: np.array(data[k]) for k in data.files}
+        if not set(given) <= trainable:
+            raise BundleError(f"start weights {job.start_weights} hold {sorted(set(given) - trainable)}, which "
+                              f"are not trainable weights of this bundle (trainable: {sorted(trainable)})")
+        bundle.set_weights({**bundle.get_weights(), **given})
+        log.info("Starting from the %d trainable weights in %s", len(given), job.start_weights)
     return ckpt
 
 
@@ -75,7 +95,7 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
     plan = job.plan
     labels = bundle.manifest.labels
     ckpt_dir = checkpoint.bundle_dir(job.checkpoints_root, bundle.sha256)
-    start = restore(bundle, job.checkpoints_root)
+    start = start_from(bundle, job)
     start_step = start.step if start else 0
     if job.learning_rate is not None:
         bundle.set_learning_rate(job.learning_rate)
@@ -192,7 +212,7 @@ def run_evaluation(bundle: Bundle, store: Store, job: Job) -> dict[str, Any]:
     Raises:
         TrainingError: no labelled windows in that split.
     """
-    ckpt = restore(bundle, job.checkpoints_root)
+    ckpt = start_from(bundle, job)
     index = store.split_index(job.split, bundle.manifest.labels)
     if len(index) == 0:
         raise TrainingError(f"no labelled windows in split {job.split!r} to evaluate")

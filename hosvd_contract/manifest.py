@@ -75,9 +75,14 @@ class LayerInfo:
     """A layer of the model as the converter planned it.
 
     ``saved_bytes_vanilla``/``saved_bytes_compressed`` follow the paper's analytic metric (float32, the
-    activation saved for the weight gradient, at the default train batch). ``ranks`` are the maximum (static)
-    ranks for ``hosvd``/``svd`` and the fixed ranks for ``asi``; ``calibrated_ranks`` are the ε-ranks measured on
-    calibration data when the converter had any.
+    activation saved for the weight gradient, at the default train batch); ``saved_bytes_compressed`` is what the
+    bundle allocates, at the static ranks. ``saved_shape`` is that saved input (batch first). ``ranks`` are the
+    maximum (static) ranks for ``hosvd``/``svd`` and the fixed ranks for ``asi``; ``calibrated_ranks`` are the
+    ε-ranks measured on the calibration data. For ``asi``, ``epsilon`` is the ε this layer's ranks were chosen at
+    and ``gradient_error`` the relative weight-gradient error those ranks cause on the calibration data (absent
+    in older manifests). ``saved_bytes_masks`` are the bit-packed masks a ReLU/ReLU6 or max-pooling node keeps
+    for its backward pass. ``note`` says why a layer is saved differently from the method asked for
+    (uncompressed because the compressed form would not be smaller, ``--max-rank`` binding).
     """
 
     name: str
@@ -90,6 +95,10 @@ class LayerInfo:
     calibrated_ranks: list[int] | None = None
     saved_bytes_vanilla: int = 0
     saved_bytes_compressed: int = 0
+    gradient_error: float | None = None
+    saved_shape: list[int] | None = None
+    saved_bytes_masks: int = 0
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,10 @@ class MemoryPlanEntry:
     ``mode`` ``whole`` runs ``train`` on the whole batch; ``streamed`` runs ``features`` in micro-batches of
     ``micro_batch`` and then ``train_features``. ``measured_peak_rss_bytes`` is the peak RSS of a fresh child
     process that loaded the bundle and ran one step; ``measured_base_rss_bytes`` the same process right after
-    loading, before any signature ran. The device plans with the difference.
+    loading, before any signature ran. The device plans with the difference. ``measured_anon_rss_bytes`` is the
+    anonymous resident memory after the step (arena and heap; unlike pages of the mapped model file the kernel
+    cannot reclaim it). ``vanilla_*`` are the same plan of the uncompressed (``none``) bundle of the same model,
+    measured in the same conversion, for comparison.
     """
 
     batch_size: int
@@ -118,6 +130,9 @@ class MemoryPlanEntry:
     measured_peak_rss_bytes: int | None = None
     measured_base_rss_bytes: int | None = None
     runtime: str | None = None
+    measured_anon_rss_bytes: int | None = None
+    vanilla_peak_rss_bytes: int | None = None
+    vanilla_anon_rss_bytes: int | None = None
 
     @property
     def measured_delta_bytes(self) -> int | None:
@@ -149,6 +164,7 @@ class Manifest:
     op_census: dict[str, int] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    fit: dict[str, Any] | None = None  # the ``hosvd-convert fit`` search that chose train_last (docs/bundle.md)
 
     @property
     def default_batch_size(self) -> int:
@@ -199,6 +215,7 @@ class Manifest:
                 op_census=dict(data.get("op_census", {})),
                 versions=dict(data.get("versions", {})),
                 created=data.get("created", ""),
+                fit=data.get("fit"),
             )
         except KeyError as err:
             raise BundleError(f"manifest is missing field {err.args[0]!r}") from err

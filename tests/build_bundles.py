@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("converter", "hosvd_contract", "tests/build_bundles.py")
 STAMP = "build-spec.json"
@@ -111,8 +113,13 @@ def build(out_dir: str | Path) -> dict[str, Path]:
         (target / STAMP).unlink(missing_ok=True)
         options = dict(BUNDLES[name])
         model, train_last, input_spec = MODELS[options.pop("model", "imu")]
-        convert(model(), target, train_last=train_last, optimizer="sgd", labels=IMU_LABELS, input_spec=input_spec,
-                **options)
+        keras_model = model()
+        calibration = None
+        if options.get("compression", "hosvd") != "none":  # seeded representative inputs size the static ranks
+            shape = tuple(keras_model.input_shape[1:])
+            calibration = np.random.default_rng(0).standard_normal((32, *shape)).astype(np.float32)
+        convert(keras_model, target, train_last=train_last, optimizer="sgd", labels=IMU_LABELS,
+                input_spec=input_spec, calibration_data=calibration, **options)
         (target / STAMP).write_text(build_spec(name))
     return {name: out_dir / name for name in BUNDLES}
 

@@ -1,8 +1,8 @@
 """``hosvd``: Tucker decomposition over all four modes of an NHWC activation, ranks chosen by ε at run time.
 
-Per mode: Gram matrix, subspace iteration to a static maximum rank, ε masks the columns beyond the paper's
-rank. The core is the activation projected on every (masked) factor. Modes of size 1 (Conv1D's unit height)
-are kept whole.
+Per mode: Gram matrix, subspace iteration to a static maximum rank (warm-started from the previous step's
+basis), ε masks the columns beyond the paper's rank. The core is the activation projected on every (masked)
+factor. Modes of size 1 (Conv1D's unit height) are kept whole.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from converter import ops
-from converter.compression.factored import Factored, project, tucker_elements
-from converter.compression.subspace import eps_mask, leading_eigvecs, start_matrix
+from converter.compression.factored import BATCH, Factored, project, tucker_elements
+from converter.compression.subspace import WarmBases, eps_mask, leading_eigvecs, start_matrix
 
 
 def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> list[int | None]:
@@ -20,54 +20,78 @@ def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> 
     return [min(size, max_rank) if (mode in modes and size > 1) else None for mode, size in enumerate(shape)]
 
 
-def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | None], iters: int) -> tuple[Factored, tf.Tensor]:
+def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None], iters: int,
+          keep: list[int | None] | None = None,
+          batch_iters: int | None = None) -> tuple[Factored, tf.Tensor, list[tf.Tensor | None]]:
     """Truncated HOSVD of a (B, H, W, C) tensor.
 
     Args:
         x: the activation.
         eps: energy share each mode keeps (the paper's ε).
-        starts: per mode a (I_n, R_n) start matrix, or None to keep that mode whole.
+        starts: per mode a (I_n, W_n) start matrix (fixed, or the previous step's basis), or None to keep that
+            mode whole.
         iters: subspace-iteration steps per mode.
+        batch_iters: steps for the batch mode instead (default ``iters``): it starts cold at every step.
+        keep: per mode the static rank R_n ≤ W_n of the saved factor (default W_n); the W_n - R_n extra columns
+            oversample the iteration, which converges at the ratio λ_{W+1}/λ_k instead of λ_{R+1}/λ_k.
 
     Returns:
-        ``(factored, ranks)``: factors with the columns beyond each effective rank zeroed, and the effective
-        ranks (4,) int32 (whole modes report their size).
+        ``(factored, ranks, bases)``: factors (I_n, R_n) with the columns beyond each effective rank zeroed, the
+        effective ranks (4,) int32 (whole modes report their size), and per mode the whole (I_n, W_n) basis
+        sorted by Rayleigh quotient, unmasked (the next step's warm start).
     """
     total = tf.reduce_sum(x * x)
     factors: list[tf.Tensor | None] = []
+    bases: list[tf.Tensor | None] = []
     ranks = []
     for mode, start in enumerate(starts):
         if start is None:
             factors.append(None)
+            bases.append(None)
             ranks.append(tf.constant(x.shape[mode], tf.int32))
             continue
-        q, lam = leading_eigvecs(ops.gram(x, mode), start, iters)
-        mask, k = eps_mask(lam, total, eps)
-        factors.append(q * mask)
+        steps = batch_iters if (mode == BATCH and batch_iters is not None) else iters
+        q, lam = leading_eigvecs(ops.gram(x, mode), start, steps)
+        bases.append(q)
+        rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
+        mask, k = eps_mask(lam[:rank], total, eps)
+        factors.append(q[:, :rank] * mask)
         ranks.append(k)
-    return project(x, tuple(factors)), tf.stack(ranks)
+    return project(x, tuple(factors)), tf.stack(ranks), bases
 
 
 class Hosvd:
-    """Per-layer HOSVD settings: static maximum ranks (``None`` = whole mode) and fixed start matrices."""
+    """Per-layer HOSVD state: static maximum ranks (``None`` = whole mode), fixed starts, warm-start bases.
+
+    With ``warm`` every mode but the batch mode starts from the previous step's basis (kept in variables,
+    :class:`~converter.compression.subspace.WarmBases`); the batch mode holds other samples at every step, so
+    its previous basis says nothing about the next batch and it starts cold each time.
+    """
 
     method = "hosvd"
     modes: tuple[int, ...] = (0, 1, 2, 3)
 
-    def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int):
+    def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int, *,
+                 name: str = "hosvd", calibration: np.ndarray | None = None, warm: bool = True,
+                 oversample: int = 0, batch_iters: int | None = None):
         self.shape = shape
         self.eps = eps
         self.iters = iters
+        self.batch_iters = batch_iters
         self.ranks = ranks
-        self.starts = [None if r is None else start_matrix(shape[m], r, seed=m) for m, r in enumerate(self.ranks)]
+        width = [None if r is None else min(shape[m], r + oversample) for m, r in enumerate(ranks)]
+        self.starts = [None if w is None else start_matrix(shape[m], w, seed=m) for m, w in enumerate(width)]
+        warm_widths = [w if (warm and m != BATCH) else None for m, w in enumerate(width)]
+        self.warm = WarmBases(shape, warm_widths, name, calibration)
 
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
-        factored, _ = hosvd(x, self.eps, self.starts, self.iters)
-        return factored, []
+        starts = [self.warm.start(m) if m in self.warm.bases else s for m, s in enumerate(self.starts)]
+        factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks, self.batch_iters)
+        return factored, [self.warm.update(m, bases[m]) for m in self.warm.bases]
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:
         """The paper's metric at ``ranks`` (default: the static maximum ranks)."""
         return tucker_elements(self.shape, tuple(self.ranks if ranks is None else ranks))
 
     def variables(self) -> dict[str, tf.Variable]:
-        return {}
+        return self.warm.variables()

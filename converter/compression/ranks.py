@@ -34,3 +34,32 @@ def mode_basis(x: np.ndarray, mode: int, rank: int) -> np.ndarray:
 def eps_ranks(x: np.ndarray, eps: float, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[int]:
     """ε-rank of each listed mode of ``x`` (the reference HOSVD's choice)."""
     return [rank_from_energy(mode_spectrum(x, m), eps) for m in modes]
+
+
+def headroom(rank: int) -> int:
+    """Static rank for an ε-rank measured on calibration data: 25 % (+1) more for batches that need a little
+    more, and for the unconverged subspace iteration (whose run-time rank is at least the paper's)."""
+    return rank + rank // 4 + 1
+
+
+def static_ranks(eps_ranks: list[int | None], shape: tuple[int, ...], max_rank: int) -> tuple[list[int | None],
+                                                                                           list[int]]:
+    """Static maximum ranks sized from calibration ε-ranks.
+
+    A mode whose sized rank reaches its size is kept whole (``None``): an (I, I) factor would only add memory.
+
+    Returns:
+        ``(ranks, capped)``: the ranks, and the modes where ``max_rank`` binds (the ε-rank exceeds it, so that
+        mode keeps less energy than ε).
+    """
+    ranks: list[int | None] = []
+    capped = []
+    for mode, (rank, size) in enumerate(zip(eps_ranks, shape, strict=True)):
+        if rank is None:
+            ranks.append(None)
+            continue
+        if rank > max_rank:
+            capped.append(mode)
+        sized = min(headroom(rank), max_rank)
+        ranks.append(None if sized >= size else sized)
+    return ranks, capped

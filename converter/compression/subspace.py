@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from converter.compression.ranks import mode_basis
+
 _TINY = 1e-30
 _DEPENDENT = 1e-3  # relative norm left after projection below which a column counts as linearly dependent
 
@@ -82,3 +84,41 @@ def eps_mask(lam: tf.Tensor, total: tf.Tensor, eps: float) -> tuple[tf.Tensor, t
     k = tf.minimum(tf.reduce_sum(below) + 1, lam.shape[0])
     mask = tf.cast(tf.range(lam.shape[0]) < k, tf.float32)
     return mask, k
+
+
+class WarmBases:
+    """Per-mode bases kept in variables across training steps, the warm starts of the subspace iteration.
+
+    Consecutive batches of one layer span nearly the same subspace, so one iteration from the previous step's
+    basis does what several from a fixed start do. A basis starts (the cold start of the first step) as the
+    leading singular vectors of calibration activations when given, else as :func:`start_matrix`. A column that
+    the iteration zeroed (linearly dependent on that batch) restarts from the fixed start, so it cannot stay
+    dead for later batches. Returned by ``get_weights`` as ``compression:basis_mode<n>``: checkpoints keep them.
+    """
+
+    def __init__(self, shape: tuple[int, ...], ranks: list[int | None], name: str,
+                 calibration: np.ndarray | None = None):
+        self.fixed: dict[int, np.ndarray] = {}
+        self.bases: dict[int, tf.Variable] = {}
+        for mode, rank in enumerate(ranks):
+            if rank is None:
+                continue
+            self.fixed[mode] = start_matrix(shape[mode], rank, seed=mode)
+            if calibration is None:
+                init = np.linalg.qr(self.fixed[mode])[0].astype(np.float32)
+            else:  # fewer singular vectors than the rank (a small calibration set): the rest start dead
+                found = mode_basis(calibration, mode, rank)
+                init = np.pad(found, [(0, 0), (0, rank - found.shape[1])])
+            self.bases[mode] = tf.Variable(init, name=f"{name}_basis_mode{mode}")
+
+    def start(self, mode: int) -> tf.Tensor:
+        """This step's start for ``mode``: the previous basis, dead (zero) columns refilled from the fixed start."""
+        basis = self.bases[mode]
+        alive = tf.reduce_sum(basis * basis, axis=0, keepdims=True) > 0.25
+        return tf.where(alive, basis, tf.constant(self.fixed[mode]))
+
+    def update(self, mode: int, q: tf.Tensor) -> tf.Operation:
+        return self.bases[mode].assign(q)
+
+    def variables(self) -> dict[str, tf.Variable]:
+        return {f"compression:basis_mode{m}": v for m, v in self.bases.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,3 +54,53 @@ class ForwardContext:
 
 
 INFERENCE = ForwardContext()
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
+    """``t + 0·s`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
+
+    TFLite has no control edges, and the converter's op order does not follow the train step's forward/backward
+    structure: it moved compressions after the loss (keeping full-size activations alive through the forward
+    pass) and hoisted backward-only work (unpacked masks, expanded cores) before it. A data dependency is the
+    one ordering it keeps. Float ``0·s`` is not folded away (it is NaN for an infinite ``s``).
+    """
+    zero = 0.0 * tf.cast(tf.reshape(tf.slice(tf.reshape(on, [-1]), [0], [1]), []), tf.float32)
+    if t.dtype.is_floating:
+        return t + tf.cast(zero, t.dtype)
+    # integer (packed uint8) tensors: a SLICE starting at a computed 0 (uint8 ADD/SELECT are not builtins)
+    begin = tf.fill([len(t.shape)], tf.cast(zero, tf.int32))
+    return tf.slice(t, begin, t.shape)
+
+
+def pack_mask(mask: tf.Tensor) -> tf.Tensor:
+    """A bool tensor as one bit per element: uint8 ``(ceil(N / 8),)``, built from builtin ops (CAST, MUL, SUM).
+
+    ReLU/ReLU6 and max-pool masks are what a backward pass keeps besides the weighted layers' inputs; unpacked
+    they take a byte per element, a quarter of the float activation."""
+    flat = tf.reshape(mask, [-1])
+    pad = -flat.shape[0] % 8
+    if pad:
+        flat = tf.concat([flat, tf.zeros([pad], tf.bool)], 0)
+    bits = tf.reshape(tf.cast(flat, tf.int32), [-1, 8]) * tf.constant(_BIT_WEIGHTS, tf.int32)
+    return tf.cast(tf.reduce_sum(bits, axis=1), tf.uint8)
+
+
+def unpack_mask(packed: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+    """The bool tensor of ``dy``'s shape that :func:`pack_mask` packed (FLOOR_DIV, FLOOR_MOD, EQUAL), computed
+    only once ``dy`` exists (:func:`depend`), so the full-size mask lives only inside its backward step."""
+    shape = dy.shape
+    count = math.prod(shape)
+    codes = tf.expand_dims(tf.cast(depend(packed, dy), tf.int32), 1)
+    bits = tf.math.floormod(tf.math.floordiv(codes, tf.constant(_BIT_WEIGHTS, tf.int32)), 2)
+    flat = tf.reshape(tf.equal(bits, 1), [-1])
+    if flat.shape[0] != count:
+        flat = flat[:count]
+    return tf.reshape(flat, list(shape))
+
+
+def packed_mask_bytes(elements: int) -> int:
+    """Bytes :func:`pack_mask` keeps for a mask of ``elements``."""
+    return -(-elements // 8)

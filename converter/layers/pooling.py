@@ -7,13 +7,11 @@ pooling (ties all receive it) or divided by the window size for average pooling.
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
 from converter import ops
 from converter.errors import ConversionError
-from converter.layers.base import ForwardContext, Node
+from converter.layers.base import ForwardContext, Node, pack_mask, packed_mask_bytes, unpack_mask
 
 WEIGHTED = False
 
@@ -55,7 +53,7 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     y = pool(x, cfg["pool"], cfg["strides"], cfg["padding"])
     saved = None
     if ctx.training and cfg["op"] == "max":
-        saved = tf.equal(_covered(x, y, cfg), _upsample(y, cfg["pool"]))
+        saved = pack_mask(tf.equal(_covered(x, y, cfg), _upsample(y, cfg["pool"])))
     return _from4(y, cfg), saved
 
 
@@ -80,7 +78,7 @@ def backward(node: Node, params: dict, saved, dy: tf.Tensor, need_dx: bool):
     cfg = node.config
     up = _upsample(_to4(dy, cfg), cfg["pool"])
     window = float(cfg["pool"][0] * cfg["pool"][1])
-    dx = tf.where(saved, up, tf.zeros_like(up)) if cfg["op"] == "max" else up / window
+    dx = tf.where(unpack_mask(saved, up), up, tf.zeros_like(up)) if cfg["op"] == "max" else up / window
     tail_h, tail_w = cfg["in_hw"][0] - dx.shape[1], cfg["in_hw"][1] - dx.shape[2]
     if tail_h or tail_w:
         dx = tf.pad(dx, [[0, 0], [0, tail_h], [0, tail_w], [0, 0]])
@@ -88,5 +86,8 @@ def backward(node: Node, params: dict, saved, dy: tf.Tensor, need_dx: bool):
 
 
 def saved_bytes(node: Node, batch: int) -> int:
-    """Max pooling keeps a one-byte mask of the input; average pooling keeps nothing."""
-    return batch * math.prod(node.in_shapes[0]) if node.config["op"] == "max" else 0
+    """Max pooling keeps a bit-packed mask of the input its windows cover; average pooling keeps nothing."""
+    if node.config["op"] != "max":
+        return 0
+    (ph, pw), (h, w), c = node.config["pool"], node.config["in_hw"], node.in_shapes[0][-1]
+    return packed_mask_bytes(batch * (h // ph) * ph * (w // pw) * pw * c)

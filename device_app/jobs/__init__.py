@@ -10,8 +10,18 @@
 
 from device_app.jobs.runner import Busy, JobRunner
 from device_app.jobs.spec import Job, JobKind
-from device_app.jobs.start import TrainingRun, TrainOptions, make_job, probe_bundle, resume_point, start_training
+from device_app.jobs.start import (
+                                   TrainingRun,
+                                   TrainOptions,
+                                   fleet_start_weights,
+    install_fleet_weights,
+                                   make_job,
+                                   probe_bundle,
+                                   resume_point,
+                                   start_training,
+)
 from device_app.jobs.watch import ChildError, ChildRun, run_job
 
 __all__ = ["Busy", "ChildError", "ChildRun", "Job", "JobKind", "JobRunner", "TrainOptions", "TrainingRun",
-           "make_job", "probe_bundle", "resume_point", "run_job", "start_training"]
+           "fleet_start_weights", "install_fleet_weights", "make_job", "probe_bundle", "resume_point", "run_job",
+           "start_training"]

@@ -19,6 +19,9 @@ class Job:
     ``train`` runs ``steps`` optimizer steps with ``plan``; ``evaluate`` evaluates the newest checkpoint on
     ``split``, ``eval_batch`` windows at a time. ``expected_sha256``, when set, is the model hash the parent
     planned for: a child that finds another model in ``bundle_dir`` fails instead of training it.
+    ``start_weights``, when set, is an ``.npz`` of trainable weights (by manifest name) that replace those of the
+    restored checkpoint before the job starts (a fleet round starts from the global model this way); the rest of
+    the variables (optimizer slots, compression state, the frozen prefix) stay as restored.
     """
 
     kind: JobKind
@@ -38,4 +41,5 @@ class Job:
     split: str = "val"
     eval_batch: int = 0
     expected_sha256: str | None = None
+    start_weights: str | None = None
     transaction: Any = None

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from device_app import checkpoint
 from device_app.bundle import resolve_bundle
 from device_app.config import Config
@@ -29,6 +31,43 @@ from hosvd_contract import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 Report = dict[str, Any]
+
+
+FLEET_START = "fleet/global.npz"
+
+
+def fleet_start_weights(cfg: Config) -> Path:
+    """Where a fleet ClientApp leaves the round's global trainable weights: ``<state_dir>/fleet/global.npz``.
+
+    A ``train`` or ``evaluate`` request with ``fleet_round`` starts from this file (the daemon's side of a fleet
+    round, when the daemon holds the state directory).
+    """
+    return cfg.state_dir / FLEET_START
+
+
+def install_fleet_weights(cfg: Config, manifest: Manifest) -> Path:
+    """Make the fleet's global weights (:func:`fleet_start_weights`) the bundle's newest checkpoint: every variable
+    of the newest checkpoint, its trainable weights replaced, written one step after it (so training and
+    personalisation continue from the fleet's model).
+
+    Raises:
+        BundleError: no checkpoint of this bundle yet (the node has not trained a round), or the file does not
+            hold exactly the bundle's trainable weights.
+    """
+    directory = checkpoint.bundle_dir(cfg.checkpoints_dir, manifest.sha256)
+    newest = checkpoint.latest(directory, {w.name for w in manifest.weights})
+    if newest is None:
+        raise BundleError(f"no checkpoint of bundle {manifest.model_name} ({manifest.sha256[:12]}…) yet to install "
+                          "the fleet's weights into: take part in a round first")
+    with np.load(fleet_start_weights(cfg), allow_pickle=False) as data:
+        given = {k: np.array(data[k]) for k in data.files}
+    specs = {w.name: w for w in manifest.weights if w.trainable}
+    wrong = sorted(set(given) ^ set(specs)) + [k for k in set(given) & set(specs)
+                                                if list(given[k].shape) != specs[k].shape]
+    if wrong:
+        raise BundleError(f"{fleet_start_weights(cfg)} is not this bundle's trainable weights: {wrong}")
+    meta = {**newest.meta, "source": "fleet", "installed": time.time()}
+    return checkpoint.save(directory, newest.step + 1, {**newest.weights, **given}, meta, cfg.training.keep_checkpoints)
 
 
 def make_job(cfg: Config, kind: JobKind, bundle_dir: str | Path, **fields: Any) -> Job:
@@ -76,6 +115,7 @@ class TrainOptions:
     learning_rate: float | None = None
     progress_every: int | None = None
     transaction: str | int | None = None
+    start_weights: str | None = None  # an .npz of trainable weights to start from (a fleet round's global model)
 
 
 class TrainingRun:
@@ -195,7 +235,8 @@ def start_training(
     job = make_job(cfg, "train", path, plan=plan, steps=options.steps or t.steps,
                    learning_rate=options.learning_rate if options.learning_rate is not None else t.learning_rate,
                    progress_every=options.progress_every or t.progress_every, transaction=options.transaction,
-                   eval_batch=plan.batch_size, expected_sha256=manifest.sha256)
+                   eval_batch=plan.batch_size, expected_sha256=manifest.sha256,
+                   start_weights=options.start_weights)
     run = TrainingRun(cfg, name, manifest, plan, job)
 
     def done(result: dict[str, Any] | None, error: str | None) -> None:

@@ -62,7 +62,7 @@ def test_select_tf_op_is_a_conversion_error_listing_it(tmp_path):
                        output_shape=(8, 8, 4), name="qr")
     model = small_cnn(extra=qr)
     with pytest.raises(ConversionError, match="builtin ops only"):
-        convert(model, tmp_path, train_last=2, measure_memory=False)
+        convert(model, tmp_path, train_last=2, compression="none", measure_memory=False)
 
 
 def test_asi_ranks_fit_the_budget_and_bases_are_warm_started(tmp_path):
@@ -132,15 +132,19 @@ def test_cli_convert_inspect_and_export_keras_round_trip(tmp_path, capsys):
     model = small_cnn()
     model.save(tmp_path / "model.keras")
     bundle = tmp_path / "bundle"
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).random((12, 8, 8, 1), dtype=np.float32))
     rc = main(["convert", str(tmp_path / "model.keras"), "--out", str(bundle), "--train-last", "2",
-               "--compression", "hosvd", "--batch-size", "4,2", "--lr", "0.05", "--labels", "a,b,c"])
+               "--compression", "hosvd", "--batch-size", "4,2", "--lr", "0.05", "--labels", "a,b,c",
+               "--calibration-data", str(tmp_path / "calib.npz")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "c2" in out and "head" in out and "vanilla KiB" in out and "measured peak MiB" in out
+    assert "none: peak MiB" in out
     manifest = load_manifest(bundle)
     assert [s.train for s in manifest.train_signatures] == ["train", "train_b2"]
     assert manifest.labels == ["a", "b", "c"]
     assert all(m.measured_peak_rss_bytes > m.measured_base_rss_bytes > 0 for m in manifest.memory_plan)
+    assert all(m.vanilla_peak_rss_bytes > 0 and m.measured_anon_rss_bytes > 0 for m in manifest.memory_plan)
     assert not [op for op in manifest.op_census if "Flex" in op or op.startswith("CUSTOM")]
 
     assert main(["inspect", str(bundle)]) == 0

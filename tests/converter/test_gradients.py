@@ -9,7 +9,15 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from converter.compression import Method
+from converter.compression.hosvd import Hosvd
+from converter.compression.svd import BatchSvd
 from converter.convert import convert
+from converter.engine import CompressionSettings, TrainingModule, saved_shape
+from converter.export import to_tflite
+from converter.graph import parse_model, split
+from converter.losses import Loss
+from converter.optimizers import OptimizerConfig, OptimizerName
 from hosvd_contract import MODEL_FILE
 from tests.converter.models import every_layer_1d, every_layer_2d, weighted_count
 
@@ -28,6 +36,30 @@ def reference_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dic
     return {tuple(v.path.split("/")[-2:]): g.numpy() for v, g in zip(variables, grads, strict=True)}
 
 
+def full_rank_bundle(model: keras.Model, out, method: str) -> list:
+    """A bundle whose every conv saves its input factored at full rank, ε = 1: the Tucker algebra of the weight
+    gradients with nothing lost. ``convert()`` itself would save these layers uncompressed (a full-rank Tucker
+    form allocates more than the activation), so the compressors are set here, on the engine directly.
+
+    Returns:
+        The bundle's weight specs.
+    """
+    graph = parse_model(model)
+    settings = CompressionSettings(method=Method(method), epsilon=1.0, iters=2)
+    module = TrainingModule(graph, split(graph, weighted_count(model)), Loss.CROSSENTROPY,
+                            OptimizerConfig(name=OptimizerName.SGD, learning_rate=LR), settings, [BATCH])
+    cls = {"svd": BatchSvd, "hosvd": Hosvd}[method]
+    for node in module.split.trainable:
+        key = f"{node.name}@{BATCH}"
+        if key in module.compressors:
+            shape = saved_shape(node, BATCH)
+            ranks = [size if (m in cls.modes and size > 1) else None for m, size in enumerate(shape)]
+            module.compressors[key] = cls(shape, 1.0, ranks, 2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).write_bytes(to_tflite(module))
+    return module.weight_specs
+
+
 def tflite_step(bundle, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict, float]:
     interpreter = Interpreter(model_path=str(bundle / MODEL_FILE))
     before = interpreter.get_signature_runner("get_weights")()
@@ -43,15 +75,17 @@ def test_train_step_matches_gradient_tape(tmp_path, builder, method):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((BATCH, *model.input_shape[1:])).astype(np.float32)
     y = rng.integers(0, model.output_shape[-1], BATCH).astype(np.int32)
-    manifest = convert(model, tmp_path, train_last=weighted_count(model), compression=method, epsilon=1.0,
-                       batch_sizes=(BATCH,), learning_rate=LR, max_rank=32, subspace_iters=2,
-                       measure_memory=False)
+    if method == "none":
+        weight_specs = convert(model, tmp_path, train_last=weighted_count(model), compression=method,
+                               batch_sizes=(BATCH,), learning_rate=LR, measure_memory=False).weights
+    else:
+        weight_specs = full_rank_bundle(model, tmp_path, method)
     before, after, loss = tflite_step(tmp_path, x, y)
     reference = reference_gradients(model, x, y)
 
     probs = model(x, training=False).numpy()
     assert loss == pytest.approx(float(np.mean(-np.log(probs[np.arange(BATCH), y]))), rel=1e-5)
-    trained = [w for w in manifest.weights if w.trainable]
+    trained = [w for w in weight_specs if w.trainable]
     weighted = {k: v for k, v in reference.items() if not k[0].startswith("bn")}  # BatchNorm stays frozen
     assert len(trained) == len(weighted), "every weighted layer's Keras weight is a bundle weight"
     for spec in trained:
@@ -70,7 +104,8 @@ def test_hosvd_below_one_compresses_and_stays_close(tmp_path):
     x = rng.standard_normal((BATCH, 21, 21, 3)).astype(np.float32)
     y = rng.integers(0, 4, BATCH).astype(np.int32)
     convert(model, tmp_path, train_last=weighted_count(model), compression="hosvd", epsilon=0.8,
-            batch_sizes=(BATCH,), learning_rate=LR, max_rank=32, measure_memory=False)
+            batch_sizes=(BATCH,), learning_rate=LR, max_rank=32, measure_memory=False,
+            calibration_data=rng.standard_normal((4 * BATCH, 21, 21, 3)).astype(np.float32))
     before, after, _ = tflite_step(tmp_path, x, y)
     reference = reference_gradients(model, x, y)
     name = "conv_1x1__kernel"

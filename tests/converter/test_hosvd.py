@@ -58,7 +58,7 @@ def reconstruct(core: np.ndarray, factors) -> np.ndarray:
 def run_hosvd(x: np.ndarray, eps: float, iters: int, max_rank: int = 16):
     ranks = max_ranks(x.shape, max_rank, (0, 1, 2, 3))
     starts = [start_matrix(x.shape[m], r, seed=m) for m, r in enumerate(ranks)]
-    factored, effective = hosvd(tf.constant(x), eps, starts, iters)
+    factored, effective, _ = hosvd(tf.constant(x), eps, starts, iters)
     factors = [None if u is None else u.numpy() for u in factored.factors]
     return effective.numpy().tolist(), factored.core.numpy(), factors
 
@@ -110,7 +110,7 @@ def test_hosvd_runs_identically_in_litert():
 
     @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
     def decompose(t):
-        factored, effective = hosvd(t, 0.9, starts, 2)
+        factored, effective, _ = hosvd(t, 0.9, starts, 2)
         return {"core": factored.core, "ranks": effective}
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([decompose.get_concrete_function()], decompose)
@@ -132,7 +132,7 @@ def test_rank_deficient_mode_at_eps_one_reconstructs_exactly():
     x = np.random.default_rng(0).standard_normal((4, 1, 24, 3)).astype(np.float32)
     ranks = max_ranks(x.shape, 32, (0, 1, 2, 3))
     starts = [None if r is None else start_matrix(x.shape[m], r, seed=m) for m, r in enumerate(ranks)]
-    factored, _ = hosvd(tf.constant(x), 1.0, starts, 1)
+    factored, _, _ = hosvd(tf.constant(x), 1.0, starts, 1)
     length_factor = factored.factors[2].numpy()
     assert int(np.sum(np.linalg.norm(length_factor, axis=0) > 0.5)) == 12  # the dependent columns are zero
     np.testing.assert_allclose(length_factor.T @ length_factor, np.diag(np.linalg.norm(length_factor, axis=0) ** 2),

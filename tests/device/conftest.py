@@ -106,15 +106,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``pred`` every 50 ms until it is true; TimeoutError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def idle(p: object) -> bool:
     """Status predicate: the daemon is idle and holds windows."""
     return isinstance(p, dict) and p.get("state") == "idle" and p["samples"]["total"] > 0

@@ -42,6 +42,11 @@ class FakeSystemd:
         training = next((i for i, m in enumerate(texts) if m.startswith("STATUS=training;")), None)
         return training is not None and any(m.startswith("STATUS=idle") for m in texts[training:])
 
+    def pings_after(self, prefix: str) -> int:
+        """How many WATCHDOG=1 arrived after the first message starting with ``prefix`` (0 before it came)."""
+        start = next((t for t, m in self.messages if m.startswith(prefix)), None)
+        return 0 if start is None else sum(t > start for t in self.pings())
+
     def pings(self) -> list[float]:
         """Arrival times of the WATCHDOG=1 messages so far."""
         return [t for t, m in self.messages if m == "WATCHDOG=1"]
@@ -59,7 +64,11 @@ def test_ready_status_watchdog_and_stopping(broker, client_factory, device_facto
         dev = device_factory(broker.port).start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": WATCHDOG_USEC})
         cl = client_factory(broker.port)
         cl.wait("status", idle, timeout=60)
-        assert cl.request("train", {"transaction": "sd", "steps": 30})["status"] == "ok"
+        # A job that outlasts any machine's speed, stopped once the watchdog has pinged during it: a fixed number of
+        # steps either ends inside one ping period on a fast machine or takes minutes under emulation.
+        assert cl.request("train", {"transaction": "sd", "steps": 1_000_000})["status"] == "ok"
+        wait_until(lambda: systemd.pings_after("STATUS=training;") >= 3, 60, "three pings while training")
+        assert cl.request("stop")["status"] == "ok"
         cl.wait("report", lambda p: p.get("transaction") == "sd", timeout=120)
         wait_until(systemd.idle_after_training, 30, "STATUS=idle after STATUS=training")
         after_training = len(systemd.pings())

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import idle, wait_for
+from conftest import idle, wait_until
 
 from device_app.jobs import ChildError, ChildRun, Job
 
@@ -42,7 +42,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(broker, clie
     cl = client_factory(broker.port)
     cl.wait("status", idle, timeout=60)
     assert cl.request("train", {"steps": 40})["status"] == "ok"
-    wait_for(lambda: marker.exists() and marker.read_text(), 60, "the checkpoint writer never reached step 20")
+    wait_until(lambda: marker.exists() and marker.read_text(), 60, "the checkpoint writer reaching step 20")
     dev.kill()  # SIGKILL to the daemon and its training child, mid-write
 
     ckpt_dir = next((dev.state_dir / "checkpoints").iterdir())
@@ -81,14 +81,14 @@ def test_broker_restart_during_training_still_delivers_the_report(broker, client
     assert cl.request("train", {"transaction": "long", "steps": steps})["status"] == "ok"
     cl.wait("progress", lambda p: p.get("transaction") == "long", timeout=60)
     broker.stop()
-    wait_for(lambda: _outbox_size(dev.db) == 1, 120, "the report never reached the outbox")
+    wait_until(lambda: _outbox_size(dev.db) == 1, 120, "the report reaching the outbox")
     assert dev.alive()
     broker.start()
     cl2 = client_factory(broker.port)
     report = cl2.wait("report", lambda p: p.get("transaction") == "long", timeout=60)
     assert report["status"] == "ok" and report["steps_done"] == steps
     assert report["global_step"] == 50 + steps
-    wait_for(lambda: _outbox_size(dev.db) == 0, 30, "the outbox was not emptied after delivery")
+    wait_until(lambda: _outbox_size(dev.db) == 0, 30, "the outbox emptying after delivery")
     assert cl2.wait("status", idle)["global_step"] == 50 + steps
     assert "Sending 1 queued message(s) from the outbox" in dev.log()
     # the restarted broker forgot every subscription: answering proves the daemon subscribed again

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -121,16 +122,18 @@ def test_home_assistant_discovers_drives_and_removes_the_device(broker, client_f
         assert press("stop")["error"] == "nothing to stop: no training is running"
 
         # the collect select: a label starts a labelled session, "off" stops it
-        def select(option: str) -> dict[str, Any]:
+        def select(option: str, settled: Callable[[dict[str, Any]], bool] = lambda p: True) -> dict[str, Any]:
             assert option in cmps["collect"]["options"]
             mark = len(cl.seen)
             payload = render(cmps["collect"]["command_template"], None, value=option)
             cl.c.publish(cmps["collect"]["command_topic"], payload, qos=1).wait_for_publish(5)
             answer = cl.wait("response/collect", lambda p: p.get("transaction") == TRANSACTION, start=mark)
             assert answer["status"] == "ok", answer
-            return cl.wait("status", lambda p: render(cmps["collect"]["value_template"], p) == option, start=mark)
+            return cl.wait("status", lambda p: render(cmps["collect"]["value_template"], p) == option and settled(p),
+                           start=mark)
 
-        walking = select("walk")
+        # sources start one after another, each announcing a status: the first may show the label before synth runs
+        walking = select("walk", lambda p: "synth" in p["collecting"])
         assert "synth" in walking["collecting"] and walking["collect_label"] == "walk"
         assert select("off")["collecting"] == []
 

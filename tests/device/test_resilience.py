@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import REPO, idle, wait_for
+from conftest import REPO, idle, wait_until
 
 from device_app.cli import main
 
@@ -119,7 +119,7 @@ def test_csv_replay_resumes_across_sigkill_restart_and_reload(broker, client_fac
     dev.rewrite(sources=[{**replay, "path": csv_dir}])
     dev.start()
     total = 3 * 16
-    wait_for(lambda: _windows(dev.db)[0] >= 12, 60, "the replay never stored 12 windows")
+    wait_until(lambda: _windows(dev.db)[0] >= 12, 60, "the replay storing 12 windows")
     dev.kill()  # mid-file: the resume point is whatever the last stored window reached
     partial = _windows(dev.db)
     assert partial[0] < total and partial[0] == partial[1]
@@ -149,8 +149,8 @@ def test_a_killed_training_child_reports_where_work_resumes(broker, client_facto
     cl = client_factory(broker.port)
     cl.wait("status", idle, timeout=60)
     assert cl.request("train", {"transaction": "k", "steps": 1_000_000})["status"] == "ok"
-    wait_for(lambda: any(p.name.startswith("ckpt-") for p in (dev.state_dir / "checkpoints").rglob("*.npz")),
-              120, "no checkpoint was written")
+    wait_until(lambda: any(p.name.startswith("ckpt-") for p in (dev.state_dir / "checkpoints").rglob("*.npz")),
+               120, "a checkpoint being written")
     cl.wait("progress", lambda p: p.get("transaction") == "k" and p["step"] >= 30, timeout=120)
     (child,) = [p for p in psutil.Process(dev.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     os.kill(child.pid, signal.SIGKILL)

@@ -1,0 +1,112 @@
+"""``hosvd-convert fit``: the deepest depth whose measured need fits the ceiling, checked on both sides, and the
+clear error (non-zero exit) when even the smallest candidate does not fit."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from converter.fit import MIB, fit, search_steps
+from hosvd_contract import load_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+BATCH = 64
+# Every one of these 1x1 convolutions saves a 64 x 32 x 32 x 32 float32 input (8 MiB) and a ReLU mask for its
+# weight gradient without compression: one layer deeper costs ~10 MiB of measured peak, far above the
+# run-to-run noise of the measurement (< 1 MiB).
+POINTWISE = 5
+
+
+def pointwise_stack(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((32, 32, 1))
+    h = layers.Conv2D(32, 3, padding="same", activation="relu", name="stem")(inp)
+    for i in range(POINTWISE):
+        h = layers.Conv2D(32, 1, activation="relu", name=f"pw{i}")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(4, activation="softmax", name="head")(h)
+    return keras.Model(inp, out, name="pointwise_stack")
+
+
+def calibration() -> np.ndarray:
+    return np.random.default_rng(0).random((BATCH, 32, 32, 1), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def extremes(tmp_path_factory: pytest.TempPathFactory):
+    """An unbounded ceiling: the search doubles the depth up to the deepest candidate and keeps it."""
+    out = tmp_path_factory.mktemp("fit") / "all"
+    result = fit(pointwise_stack(), out, ram_ceiling_mb=1e6, batch_size=BATCH, calibration_data=calibration(),
+                 method="none", device_base_mb=0, margin_mb=0)
+    return result
+
+
+def test_unbounded_ceiling_trains_every_layer(extremes) -> None:
+    depth = POINTWISE + 2
+    assert extremes.max_train_last == depth
+    assert extremes.chosen.train_last == depth
+    assert sorted(c.train_last for c in extremes.candidates) == [1, 2, 4, depth]  # doubling, capped at the depth
+    shallow, *_, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
+    # the deepest saves every pointwise input (8 MiB each) plus the stem's input; the shallowest only the head's
+    assert deep.saved_bytes_allocated > POINTWISE * 8 * MIB > 100 * shallow.saved_bytes_allocated
+    assert deep.peak_rss_bytes - shallow.peak_rss_bytes > POINTWISE * 8 * MIB
+
+
+def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(extremes, tmp_path: Path) -> None:
+    shallow, *_, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
+    base_mb, margin_mb = 20.0, 8.0
+    ceiling_mb = (shallow.peak_mib + deep.peak_mib) / 2 + base_mb + margin_mb
+    result = fit(pointwise_stack(), tmp_path / "bundle", ram_ceiling_mb=ceiling_mb, batch_size=BATCH,
+                 calibration_data=calibration(), method="none", device_base_mb=base_mb, margin_mb=margin_mb)
+    chosen = result.chosen
+    by_depth = {c.train_last: c for c in result.candidates}
+    assert 1 <= chosen.train_last < result.max_train_last
+    assert chosen.need_bytes == chosen.peak_rss_bytes + int((base_mb + margin_mb) * MIB)
+    assert chosen.need_bytes <= ceiling_mb * MIB, result.candidates
+    deeper = by_depth[chosen.train_last + 1]  # the search ends with the next-deeper candidate measured
+    assert deeper.need_bytes > ceiling_mb * MIB, result.candidates
+    assert [c.fits for c in result.candidates] == [c.need_bytes <= ceiling_mb * MIB for c in result.candidates]
+    # a search, not a sweep: 1, 2, 4, 7 (too big: the ceiling is below its peak), then halvings of 4..7
+    assert len(result.candidates) <= search_steps(result.max_train_last)
+    assert len(result.candidates) < result.max_train_last
+
+    manifest = load_manifest(tmp_path / "bundle")
+    assert manifest.train_last == chosen.train_last
+    assert manifest.compression["method"] == "none"
+    lowest = min(e.measured_peak_rss_bytes for e in manifest.memory_plan)
+    assert lowest == chosen.peak_rss_bytes
+    assert manifest.fit["train_last"] == chosen.train_last
+    assert manifest.fit["ram_ceiling_mb"] == ceiling_mb
+    recorded = {c["train_last"]: c for c in manifest.fit["candidates"]}
+    assert recorded[chosen.train_last + 1]["fits"] is False
+    assert recorded[chosen.train_last + 1]["need_bytes"] == deeper.need_bytes
+    assert not (tmp_path / ".bundle.fit").exists(), "the candidates' work directory is removed"
+
+
+def test_ceiling_below_the_smallest_candidate_is_a_clear_error(extremes, tmp_path: Path) -> None:
+    """The CLI with ``--method auto``: every method's shallowest candidate is measured, none fits, exit 2 with
+    the smallest need (within the measurement's run-to-run noise of the one measured above)."""
+    model_path = tmp_path / "model.keras"
+    pointwise_stack().save(model_path)
+    np.savez(tmp_path / "cal.npz", x=calibration())
+    shallow = min(extremes.candidates, key=lambda c: c.train_last)
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter.cli", "fit", str(model_path), "--ram-ceiling-mb", "40",
+         "--batch-size", str(BATCH), "--calibration-data", str(tmp_path / "cal.npz"), "--method", "auto",
+         "--device-base-mb", "0", "--margin-mb", "0", "--out", str(tmp_path / "bundle")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    match = re.search(r"nothing fits ram_ceiling_mb = 40: the smallest candidate \((\w+), train_last 1, batch 64\) "
+                      r"needs ([\d.]+) MiB", proc.stderr)
+    assert match, proc.stderr[-3000:]
+    need = float(match.group(2))
+    assert need > 40
+    assert abs(need - shallow.need_mib) < 3, (need, shallow.need_mib)
+    assert not (tmp_path / "bundle" / "model.tflite").exists()
