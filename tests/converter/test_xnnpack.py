@@ -64,8 +64,8 @@ def test_no_trainable_matmul_or_conv_falls_back_to_builtin_kernels(bundle):
             # compression/subspace.py) stay FULLY_CONNECTED; no layer's (B, C) or activation-shaped product does
             assert {p.op for p in refused} <= {"FULLY_CONNECTED"}, (signature, refused)
             assert all(len(p.out_shape) == 2 and p.out_shape[1] in (1, p.out_shape[0]) for p in refused), refused
-    on_builtin = {p.op for p in xnnpack.placements(content, "train_features")
-                  if not p.delegated and p.macs and p.op != "FULLY_CONNECTED"}
+    kinds = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "BATCH_MATMUL")
+    on_builtin = {p.op for p in xnnpack.placements(content, "train_features") if not p.delegated and p.op in kinds}
     assert on_builtin <= {"DEPTHWISE_CONV_2D"}, on_builtin
 
 
