@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from converter.calibration import saved_activations
+from converter.calibration import calibrate
 from converter.compression.asi import choose_ranks, knapsack
 from converter.compression.factored import tucker_elements
 from converter.convert import convert
@@ -47,7 +47,7 @@ def test_budget_knapsack_beats_one_lowered_epsilon(tmp_path):
     graph = parse_model(model)
     sp = split(graph, 4)
     nodes = [n for n in sp.trainable if n.keras_type in COMPRESSIBLE]
-    recorded = saved_activations(graph, sp, calib, BATCH)
+    recorded = calibrate(graph, sp, calib, BATCH).first_batch
     acts = [recorded[n.name] for n in nodes]
     errors = gradient_errors(graph, sp, Loss.CROSSENTROPY, calib, BATCH, nodes)
     full = choose_ranks(acts, 0.9, None, 32)

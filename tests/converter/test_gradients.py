@@ -54,7 +54,8 @@ def full_rank_bundle(model: keras.Model, out, method: str) -> list:
         if key in module.compressors:
             shape = saved_shape(node, BATCH)
             ranks = [size if (m in cls.modes and size > 1) else None for m, size in enumerate(shape)]
-            module.compressors[key] = cls(shape, 1.0, ranks, 2)
+            # hosvd cold: warm-start bases would be variables the module does not track, and change nothing at ε 1
+            module.compressors[key] = cls(shape, 1.0, ranks, 2, **({"warm": False} if cls is Hosvd else {}))
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(to_tflite(module))
     return module.weight_specs
