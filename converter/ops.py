@@ -3,15 +3,6 @@
 Everything here works on NHWC tensors with static shapes. Convolution padding is always explicit
 (``pads = ((top, bottom), (left, right))``) so that 'same', 'valid' and 'causal' share one code path and the
 backward pass knows exactly which input positions each output saw.
-
-Trained weights are variables, and XNNPACK (ai-edge-litert's default delegate) runs CONV_2D, DEPTHWISE_CONV_2D,
-TRANSPOSE_CONV and FULLY_CONNECTED only with *constant* weights: with a variable operand they fall back to the
-built-in kernels (single-threaded here, 2.5–4× slower than XNNPACK's constant-weight rate; ``python -m
-bench.layers``). BATCH_MATMUL, MUL, ADD, PAD, SUM and stride-1 slices it runs with dynamic operands. So the
-computations on trained weights go through :func:`matmul` (always BATCH_MATMUL) and :func:`im2col_matmul`
-(im2col + one matmul). A depthwise convolution as a multiply-add per tap on XNNPACK was 5× slower than the
-built-in DEPTHWISE_CONV_2D with a variable filter (memory-bound: 17 full-size elementwise ops, and the converter
-re-associates their sum so six products are alive at once), so depthwise layers keep that op.
 """
 
 from __future__ import annotations
@@ -49,43 +40,6 @@ def shifted_window(xp: tf.Tensor, kh: int, kw: int, out_hw: tuple[int, int], str
     h1 = h0 + (out_hw[0] - 1) * strides[0] + 1
     w1 = w0 + (out_hw[1] - 1) * strides[1] + 1
     return xp[:, h0:h1:strides[0], w0:w1:strides[1], :]
-
-
-def matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose_b: bool = False) -> tf.Tensor:
-    """``a @ b`` as a BATCH_MATMUL whatever the operands (XNNPACK runs it with both dynamic).
-
-    ``tf.matmul(..., transpose_b=True)`` (and ``tf.matmul(a, tf.transpose(b))``) lower to FULLY_CONNECTED, which
-    XNNPACK delegates only when ``b`` is a constant.
-    """
-    return tf.raw_ops.BatchMatMulV3(x=a, y=b, adj_x=transpose_a, adj_y=transpose_b, Tout=a.dtype)
-
-
-def im2col(xp: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int],
-           dilation: tuple[int, int]) -> tf.Tensor:
-    """(B, H', W', KH·KW·C): the kernel taps' windows of padded ``xp`` side by side, tap-major (kernel order)."""
-    kh, kw = kernel_hw
-    out_hw = tuple(out_size(xp.shape[1 + a], kernel_hw[a], strides[a], dilation[a], (0, 0)) for a in range(2))
-    windows = [shifted_window(xp, i, j, out_hw, strides, dilation) for i in range(kh) for j in range(kw)]
-    return windows[0] if len(windows) == 1 else tf.concat(windows, axis=-1)
-
-
-def im2col_matmul(xp: tf.Tensor, weights: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int],
-                  dilation: tuple[int, int], transpose_weights: bool = False) -> tf.Tensor:
-    """VALID convolution of padded ``xp`` as im2col + one BATCH_MATMUL, (B, H', W', N).
-
-    ``weights`` is (KH·KW·C, N), tap-major like :func:`im2col`, or (N, KH·KW·C) with ``transpose_weights``. The
-    im2col tensor is as large as the scratch the built-in CONV_2D allocates for a variable filter.
-    """
-    cols = im2col(xp, kernel_hw, strides, dilation)
-    y = matmul(flatten_rows(cols), weights, transpose_b=transpose_weights)
-    return tf.reshape(y, [-1, *cols.shape[1:3], y.shape[-1]])  # the batch may be dynamic (infer, features)
-
-
-def conv_as_matmul(xp: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int],
-                   dilation: tuple[int, int]) -> tf.Tensor:
-    """VALID convolution of padded ``xp`` with ``kernel`` (KH, KW, C_in, C_out) via :func:`im2col_matmul`."""
-    kh, kw, c_in, c_out = kernel.shape
-    return im2col_matmul(xp, tf.reshape(kernel, [kh * kw * c_in, c_out]), (kh, kw), strides, dilation)
 
 
 def zero_insert(dy: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
@@ -144,7 +98,7 @@ def mode_dot(t: tf.Tensor, u: tf.Tensor, mode: int, project: bool) -> tf.Tensor:
     moved = tf.transpose(t, perm) if mode != 3 else t
     lead = moved.shape[:3]
     flat = tf.reshape(moved, [-1, moved.shape[3]])
-    out = matmul(flat, u, transpose_b=not project)
+    out = tf.matmul(flat, u) if project else tf.matmul(flat, u, transpose_b=True)
     out = tf.reshape(out, [*lead, out.shape[1]])
     return tf.transpose(out, inv) if mode != 3 else out
 
@@ -166,9 +120,9 @@ def gram(t: tf.Tensor, mode: int) -> tf.Tensor:
     b, h, w, c = t.shape
     if mode == 0:
         flat = tf.reshape(t, [b, -1])
-        return matmul(flat, flat, transpose_b=True)
+        return tf.matmul(flat, flat, transpose_b=True)
     if mode == 3:
         flat = tf.reshape(t, [-1, c])
-        return matmul(flat, flat, transpose_a=True)
+        return tf.matmul(flat, flat, transpose_a=True)
     rows = tf.reshape(t, [b, h, w * c]) if mode == 1 else tf.reshape(t, [b * h, w, c])
-    return tf.reduce_sum(matmul(rows, rows, transpose_b=True), axis=0)
+    return tf.reduce_sum(tf.matmul(rows, rows, transpose_b=True), axis=0)

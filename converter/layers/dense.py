@@ -1,8 +1,6 @@
 """Dense on 2-D (B, F) or N-D (B, ..., F) inputs: forward, backward and saved-activation size.
 
 Saves its input whole: the paper compresses convolution activations, and a Dense input is already a matrix.
-Every product is a BATCH_MATMUL (:func:`converter.ops.matmul`): the input gradient's ``dy @ Wᵀ`` would otherwise
-become a FULLY_CONNECTED with a variable weight, which XNNPACK does not run.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ def parse(layer, node: Node) -> None:
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     x = xs[0]
-    y = ops.matmul(ops.flatten_rows(x), params["kernel"])
+    y = tf.matmul(ops.flatten_rows(x), params["kernel"])
     if "bias" in params:
         y = y + params["bias"]
     if len(node.in_shapes[0]) > 1:
@@ -35,12 +33,12 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
 
 def backward(node: Node, params: dict, saved: tf.Tensor, dy: tf.Tensor, need_dx: bool):
     x2, dy2 = ops.flatten_rows(saved), ops.flatten_rows(dy)
-    grads = {"kernel": ops.matmul(x2, dy2, transpose_a=True)}
+    grads = {"kernel": tf.matmul(x2, dy2, transpose_a=True)}
     if "bias" in params:
         grads["bias"] = tf.reduce_sum(dy2, axis=0)
     dx = None
     if need_dx:
-        dx = tf.reshape(ops.matmul(dy2, params["kernel"], transpose_b=True), saved.shape)
+        dx = tf.reshape(tf.matmul(dy2, params["kernel"], transpose_b=True), saved.shape)
     return [dx], grads
 
 

@@ -4,11 +4,6 @@ Kernel (KH, KW, C, M); output channel ``c·M + m`` sees only input channel ``c``
 (K_C columns) the tap gradient is ``Σ_k U_C[c, k] (Zᵀ dY)[k, c·M+m]`` — a (K_C, C·M) matmul masked by U_C —
 so the channel-mixing of the Tucker form never rebuilds the activation and depthwise layers do get a gradient
 (unlike the reference code's grouped branch).
-
-The forward and input-gradient convolutions stay DEPTHWISE_CONV_2D: with a variable kernel XNNPACK does not take
-it, but the built-in kernel beat a per-tap multiply-add on XNNPACK 5× (see :mod:`converter.ops`). The weight
-gradient as one DEPTHWISE_CONV_2D over batch-in-channel tensors (``dY`` as a 7×7 filter) was slower still on the
-built-in kernel (over 3 s per invoke for MobileNetV2's block_16 at batch 32), so it stays a loop over the taps.
 """
 
 from __future__ import annotations
@@ -52,7 +47,7 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict, kernel_shape) -> tf.T
             return tf.expand_dims(tf.reduce_sum(window * dy_b, axis=0), 1)
         if u_c is None:
             return tf.reduce_sum(tf.expand_dims(window, 2) * tf.reshape(dy_b, [-1, c, m]), axis=0)
-        g = tf.reshape(ops.matmul(window, dy_b, transpose_a=True), [u_c.shape[1], c, m])
+        g = tf.reshape(tf.matmul(window, dy_b, transpose_a=True), [u_c.shape[1], c, m])
         return tf.reduce_sum(g * tf.expand_dims(tf.transpose(u_c), 2), axis=0)
 
     return conv2d.weight_grad_taps(saved, dy, cfg, tap_grad, (c, m))
