@@ -48,6 +48,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_npz(final: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``final`` atomically: a temp file beside it (named so :func:`remove_stale_temp` knows
+    it), fsync, rename. A full disk or SIGTERM's SystemExit leaves no partial file behind."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save(directory: str | os.PathLike[str], step: int, weights: dict[str, np.ndarray], meta: dict[str, Any],
          keep: int = 3) -> Path:
     """Write a checkpoint atomically and prune to the newest ``keep``.
@@ -65,17 +80,7 @@ def save(directory: str | os.PathLike[str], step: int, weights: dict[str, np.nda
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{step:09d}.npz"
-    tmp = root / f".{final.name}.{os.getpid()}.tmp"
-    payload = {**weights, META_KEY: np.frombuffer(json.dumps({**meta, "step": step}).encode(), np.uint8)}
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:  # a full disk, or SIGTERM's SystemExit: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz(final, {**weights, META_KEY: np.frombuffer(json.dumps({**meta, "step": step}).encode(), np.uint8)})
     _fsync_dir(root)
     log.info("Saved checkpoint %s", final)
     prune(root, keep)

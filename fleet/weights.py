@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_app.checkpoint import write_npz
 from hosvd_contract import BundleError, Manifest
 
 Arrays = dict[str, np.ndarray]
@@ -49,16 +50,7 @@ def save_npz(path: str | os.PathLike[str], arrays: Arrays) -> Path:
     """Write ``arrays`` to ``path`` atomically (temp file, fsync, rename)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz(final, arrays)
     return final
 
 
