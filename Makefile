@@ -32,11 +32,15 @@ lint: venv
 
 # Main suite (TensorFlow, ai-edge-litert), then the device tests again on tflite-runtime 2.14 with bundles
 # the first run built. pytest exits 5 when it collected nothing: that fails the target.
+# Two pytest-xdist workers, each taking whole test files (--dist loadfile: a file's module fixtures are built
+# once): many tests wait on brokers, daemons and child processes, so two workers fit two cores.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 test: venv legacy-venv lint
 	$(PY) -m tests.build_bundles $(BUNDLES)
-	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) $(PY) -m pytest -q
+	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) $(PY) -m pytest -q $(PYTEST_PARALLEL)
 	HOSVD_TEST_BUNDLES=$(abspath $(BUNDLES)) HOSVD_EXPECT_RUNTIME=tflite-runtime \
-		$(LEGACY)/bin/python -m pytest -q -m "not needs_tf" tests/device tests/runtime
+		$(LEGACY)/bin/python -m pytest -q $(PYTEST_PARALLEL) -m "not needs_tf" tests/device tests/runtime
 
 # The device side on emulated aarch64 (needs root): a Debian 12 arm64 root filesystem under qemu-user emulating a
 # Pi 4's Cortex-A72, cached under $(ARM64_CACHE) and rebuilt only when its inputs change (tools/arm64/rootfs.sh).
