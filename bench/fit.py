@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def search(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """One record per ceiling × method (ceilings ascending, candidates shared within a method)."""
+def search(args: argparse.Namespace, work: Path, on_record: Callable[[list[dict[str, Any]]], None]) -> list[dict]:
+    """One record per ceiling × method (ceilings ascending, candidates shared within a method); ``on_record``
+    gets the records so far after each one (a long search that is interrupted keeps what it measured)."""
     from bench.archs import build_calibrated
     from converter.fit import DEFAULT_DEVICE_BASE_MB, DEFAULT_MARGIN_MB, FitError, fit
 
@@ -79,6 +81,7 @@ def search(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 record |= {"deepest": 0, "error": str(error)}
             record |= {"new_conversions": len(known) - before, "seconds": time.perf_counter() - started}
             records.append(record)
+            on_record(records)
     return records
 
 
@@ -112,15 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{invocation}: {args.model} {args.input_size}², batch {args.batch_size}, ceilings "
           f"{sorted(args.ceilings)} MiB, methods {args.methods} -> {out}", flush=True)
     started = time.perf_counter()
+
+    def write(records: list[dict[str, Any]]) -> None:
+        wall = time.perf_counter() - started
+        (out / "fit.json").write_text(json.dumps({"invocation": invocation, "machine": machine_info(),
+                                                  "seconds": wall, "records": records}, indent=1))
+        (out / "fit.md").write_text(f"# {invocation}\n\n{args.model} {args.input_size}², batch "
+                                    f"{args.batch_size}, ε {args.epsilon}; {wall:.0f} s so far.\n\n"
+                                    f"{render(records)}")
+
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as work:
-        records = search(args, Path(work))
-    wall = time.perf_counter() - started
-    (out / "fit.json").write_text(json.dumps({"invocation": invocation, "machine": machine_info(),
-                                              "seconds": wall, "records": records}, indent=1))
-    table = render(records)
-    (out / "fit.md").write_text(f"# {invocation}\n\n{args.model} {args.input_size}², batch {args.batch_size}, "
-                                f"ε {args.epsilon}; {wall:.0f} s in all.\n\n{table}")
-    print(table, f"{wall:.0f} s; {out / 'fit.md'}", sep="\n")
+        records = search(args, Path(work), write)
+    print(render(records), f"{time.perf_counter() - started:.0f} s; {out / 'fit.md'}", sep="\n")
     return 0
 
 
