@@ -168,14 +168,15 @@ class _Search:
     """Converts and measures candidates of one model, caching each (method, depth) once."""
 
     def __init__(self, model: keras.Model, work_dir: Path, ceiling: int, extra: int, convert_kwargs: dict[str, Any],
-                 on_candidate: Callable[[Candidate], None]):
+                 on_candidate: Callable[[Candidate], None], known: dict[tuple[str, int], Candidate]):
         self.model = model
         self.work_dir = work_dir
         self.ceiling = ceiling
         self.extra = extra  # device base + margin
         self.convert_kwargs = convert_kwargs
         self.on_candidate = on_candidate
-        self.measured: dict[tuple[str, int], Candidate] = {}
+        self.known = known  # every candidate measured so far, also by earlier searches (other ceilings)
+        self.measured: dict[tuple[str, int], Candidate] = {}  # this search's, judged against its ceiling
 
     def bundle_dir(self, method: str, depth: int) -> Path:
         return self.work_dir / f"{method}-{depth}"
@@ -183,8 +184,12 @@ class _Search:
     def measure(self, method: str, depth: int) -> Candidate:
         key = (method, depth)
         if key not in self.measured:
-            self.measured[key] = measure_candidate(self.model, self.bundle_dir(method, depth), method, depth,
-                                                   self.ceiling, self.extra, **self.convert_kwargs)
+            if key not in self.known:
+                self.known[key] = measure_candidate(self.model, self.bundle_dir(method, depth), method, depth,
+                                                    self.ceiling, self.extra, **self.convert_kwargs)
+            # a peak measured under another ceiling is judged again, not converted again
+            need = self.known[key].peak_rss_bytes + self.extra
+            self.measured[key] = dataclasses.replace(self.known[key], need_bytes=need, fits=need <= self.ceiling)
             self.on_candidate(self.measured[key])
         return self.measured[key]
 
@@ -223,6 +228,7 @@ def fit(
     device_base_mb: float = DEFAULT_DEVICE_BASE_MB,
     on_candidate: Callable[[Candidate], None] | None = None,
     candidates_dir: str | os.PathLike | None = None,
+    known: dict[tuple[str, int], Candidate] | None = None,
     **convert_kwargs: Any,
 ) -> FitResult:
     """Write the deepest bundle whose measured need fits ``ram_ceiling_mb``.
@@ -241,6 +247,9 @@ def fit(
         on_candidate: called with each candidate as soon as it is measured (progress, tables).
         candidates_dir: keep the other candidates' bundles here (``<method>-<train_last>``); by default they are
             converted next to ``out_dir`` and removed.
+        known: candidates an earlier search of the same model, options and ``candidates_dir`` measured (under
+            another ceiling), by ``(method, train_last)``: judged against this ceiling without converting them
+            again. Filled in with this search's new candidates, so one dict serves a series of ceilings.
         convert_kwargs: further :func:`converter.convert.convert` options (optimizer, labels, loss, ...).
 
     Returns:
@@ -267,12 +276,15 @@ def fit(
         raise ConversionError("the model has no weighted layer the converter can train")
 
     out = Path(out_dir)
+    if known and candidates_dir is None:
+        raise ConversionError("fit(known=...) needs the candidates_dir the known candidates' bundles are in")
     work_dir = Path(candidates_dir) if candidates_dir is not None else out.parent / f".{out.name}.fit"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    if not known:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(convert_kwargs, epsilon=epsilon, batch_sizes=[batch_size], calibration_data=calibration_data)
     search = _Search(model, work_dir, int(ram_ceiling_mb * MIB), int((device_base_mb + margin_mb) * MIB), kwargs,
-                     on_candidate or (lambda c: None))
+                     on_candidate or (lambda c: None), {} if known is None else known)
     try:
         deepest = {m.value: search.deepest(m.value, depth_cap) for m in methods}
         best = max(deepest.values())

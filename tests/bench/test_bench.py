@@ -97,3 +97,18 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
     assert "| digits_cnn | 8×8×1 | 2 | 8 | hosvd ε0.8 |" in text
     assert "### Accuracy" in text and (out / "pareto.png").is_file() and (out / "loss_curves.png").is_file()
     assert not (out / "work").exists()
+
+
+def test_fit_table_gives_each_ceilings_deepest_depth_and_the_layer_ratio() -> None:
+    from bench.fit import render
+
+    def fitted(method: str, ceiling: float, deepest: int, peak: float = 0.0) -> dict:
+        return {"method": method, "ceiling_mb": ceiling, "deepest": deepest, "peak_mib": peak,
+                "need_mib": peak + 64}
+
+    table = render([fitted("none", 192, 0), fitted("none", 256, 3, 180.5), fitted("hosvd", 192, 2, 120.0),
+                    fitted("hosvd", 256, 7, 189.25)])
+    rows = table.splitlines()
+    assert rows[0].startswith("| ceiling MiB | `none`: last N") and "`hosvd`" in rows[0]
+    assert rows[2] == "| 192 | nothing fits | 2 (120.0 / 184.0) | — |"  # no ratio without a none depth
+    assert rows[3] == "| 256 | 3 (180.5 / 244.5) | 7 (189.2 / 253.2) | 2.33 |"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from converter.fit import MIB, fit, search_steps
+from converter.fit import MIB, Candidate, FitResult, fit, search_steps
 from hosvd_contract import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,13 +40,27 @@ def calibration() -> np.ndarray:
     return np.random.default_rng(0).random((BATCH, 32, 32, 1), dtype=np.float32)
 
 
+@dataclass
+class Search:
+    result: FitResult
+    known: dict[tuple[str, int], Candidate]  # what it measured, for the next ceiling's search
+    candidates_dir: Path
+
+
 @pytest.fixture(scope="module")
-def extremes(tmp_path_factory: pytest.TempPathFactory):
+def unbounded(tmp_path_factory: pytest.TempPathFactory) -> Search:
     """An unbounded ceiling: the search doubles the depth up to the deepest candidate and keeps it."""
-    out = tmp_path_factory.mktemp("fit") / "all"
-    result = fit(pointwise_stack(), out, ram_ceiling_mb=1e6, batch_size=BATCH, calibration_data=calibration(),
-                 method="none", device_base_mb=0, margin_mb=0)
-    return result
+    root = tmp_path_factory.mktemp("fit")
+    known: dict[tuple[str, int], Candidate] = {}
+    result = fit(pointwise_stack(), root / "all", ram_ceiling_mb=1e6, batch_size=BATCH,
+                 calibration_data=calibration(), method="none", device_base_mb=0, margin_mb=0,
+                 candidates_dir=root / "candidates", known=known)
+    return Search(result, known, root / "candidates")
+
+
+@pytest.fixture(scope="module")
+def extremes(unbounded: Search) -> FitResult:
+    return unbounded.result
 
 
 def test_unbounded_ceiling_trains_every_layer(extremes) -> None:
@@ -59,12 +74,27 @@ def test_unbounded_ceiling_trains_every_layer(extremes) -> None:
     assert deep.peak_rss_bytes - shallow.peak_rss_bytes > POINTWISE * 8 * MIB
 
 
-def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(extremes, tmp_path: Path) -> None:
+def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(unbounded: Search,
+                                                                            tmp_path: Path) -> None:
+    """A second ceiling searched with the first search's candidates (as ``bench.fit`` does): the depths measured
+    before are judged again against this ceiling and its base and margin, only the new depths are converted."""
+    extremes = unbounded.result
     shallow, *_, deep = sorted(extremes.candidates, key=lambda c: c.train_last)
     base_mb, margin_mb = 20.0, 8.0
     ceiling_mb = (shallow.peak_mib + deep.peak_mib) / 2 + base_mb + margin_mb
+    measured_before = {key: c.peak_rss_bytes for key, c in unbounded.known.items()}
     result = fit(pointwise_stack(), tmp_path / "bundle", ram_ceiling_mb=ceiling_mb, batch_size=BATCH,
-                 calibration_data=calibration(), method="none", device_base_mb=base_mb, margin_mb=margin_mb)
+                 calibration_data=calibration(), method="none", device_base_mb=base_mb, margin_mb=margin_mb,
+                 candidates_dir=unbounded.candidates_dir, known=unbounded.known)
+    judged = {("none", c.train_last): c for c in result.candidates}
+    reused = set(judged) & set(measured_before)
+    assert len(reused) >= 2, (judged, measured_before)  # depth 1 and the first doubling at least
+    assert set(unbounded.known) == set(measured_before) | set(judged)  # new depths were added for the next
+    for key in reused:
+        peak = measured_before[key]
+        assert judged[key].peak_rss_bytes == peak  # reused, not measured again
+        assert judged[key].fits == (peak + (base_mb + margin_mb) * MIB <= ceiling_mb * MIB)
+    assert extremes.candidates[-1].fits  # the first search's own judgement is untouched
     chosen = result.chosen
     by_depth = {c.train_last: c for c in result.candidates}
     assert 1 <= chosen.train_last < result.max_train_last
@@ -87,7 +117,6 @@ def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(ext
     recorded = {c["train_last"]: c for c in manifest.fit["candidates"]}
     assert recorded[chosen.train_last + 1]["fits"] is False
     assert recorded[chosen.train_last + 1]["need_bytes"] == deeper.need_bytes
-    assert not (tmp_path / ".bundle.fit").exists(), "the candidates' work directory is removed"
 
 
 def test_ceiling_below_the_smallest_candidate_is_a_clear_error(extremes, tmp_path: Path) -> None:
@@ -110,3 +139,4 @@ def test_ceiling_below_the_smallest_candidate_is_a_clear_error(extremes, tmp_pat
     assert need > 40
     assert abs(need - shallow.need_mib) < 3, (need, shallow.need_mib)
     assert not (tmp_path / "bundle" / "model.tflite").exists()
+    assert not (tmp_path / ".bundle.fit").exists(), "the candidates' work directory is removed"
