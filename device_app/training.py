@@ -105,15 +105,20 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
                             "and label data first")
     from_features = plan.mode == "streamed" and bundle.has_features
     reader = BatchReader(bundle, store, from_features, plan.micro_batch, job.feature_cache)
+    rng = np.random.default_rng(job.seed + start_step)
+    batch_iter = balanced_batches(train.y, plan.batch_size, rng)
+    if reader.cache:  # streamed with the cache: every window the run will read gets its features first
+        drawn = [next(batch_iter) for _ in range(job.steps)]
+        used = np.unique(train.ids[np.concatenate(drawn)]) if drawn else train.ids[:0]
+        reader.prefetch(np.concatenate([used, val.ids]), plan.batch_size)
+        batch_iter = iter(drawn)
     eval_batch = job.eval_batch or plan.batch_size
     val_before = reader.evaluate(val, eval_batch)
     start_weights = good = bundle.get_weights()
     t0 = time.monotonic()
-    rng = np.random.default_rng(job.seed + start_step)
     losses: list[float] = []
     corrects: list[float] = []
     status, reason, written = "ok", "", []
-    batch_iter = balanced_batches(train.y, plan.batch_size, rng)
     for i in range(job.steps):
         if stop.is_set():
             status, reason = "stopped", f"stop requested after {i} steps"
