@@ -3,7 +3,10 @@
 Plain functions over a bundle, a store and a job; progress goes out through an ``emit`` callback and a stop
 request comes in through a ``threading.Event``-like object, so the same code runs in the daemon's child and
 in tests. The store is read one batch at a time (:mod:`device_app.dataset`): class-balanced batches of window
-ids, evaluation in batches too, so memory does not grow with the number of stored windows. Rules: restore the
+ids, evaluation in batches too, so memory does not grow with the number of stored windows. A streamed run with the
+feature cache draws its batches up front and caches the prefix features of every window they and the validation
+split read before its first step (:meth:`~device_app.dataset.BatchReader.prefetch`), so the prefix interpreter is
+gone before the train step's arena is allocated. Rules: restore the
 newest checkpoint first; checkpoint every ``checkpoint_every`` steps and at the end; on a non-finite loss
 restore the last good weights and stop; when validation accuracy ends more than ``rollback_tolerance`` below
 where the run started, discard the run's checkpoints and restore the start.
