@@ -64,7 +64,8 @@ class Bundle:
         num_threads: interpreter threads.
         mode: the plan mode (``whole`` or ``streamed``, :mod:`device_app.steps`) this process trains and
             evaluates with: only the signatures it runs (:func:`mode_signatures`) are delegated to XNNPACK on
-            the main interpreter; ``None`` delegates all. The others still run, more slowly.
+            the main interpreter, op by op (``fuse=False`` of :func:`~device_app.runtime.load_interpreter`); the
+            others still run, more slowly. ``None`` delegates all, with XNNPACK's fused partitions, as before.
 
     Raises:
         BundleError: invalid bundle, or a signature/weight the manifest names is missing from the model.
@@ -75,7 +76,7 @@ class Bundle:
         self.num_threads = num_threads
         self.manifest = load_manifest(self.path)
         delegated = None if mode is None else mode_signatures(self.manifest, mode)
-        self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads, delegated)
+        self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads, delegated, fuse=mode is None)
         self.signatures = self.interpreter.get_signature_list()
         self._runners: dict[str, Any] = {}
         self._label_dtypes: dict[str, np.dtype] = {}
