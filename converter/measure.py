@@ -1,7 +1,7 @@
 """Peak RSS of a bundle's train step on the device runtime, measured by the device's own code in a fresh process.
 
 The child is ``python -m device_app.measure`` (:mod:`device_app.measure`): it loads the bundle the way the
-device's training child does and steps through :func:`device_app.steps.train_step`, importing no TensorFlow, so
+device's training child does and steps through :mod:`device_app.steps`, importing no TensorFlow, so
 the figure is what a device process would see. The converter only spawns it; it imports nothing of device_app.
 """
 
@@ -20,8 +20,11 @@ from hosvd_contract import Sig
 
 
 def measure(bundle_dir: str | Path, batch_size: int, mode: str, micro_batch: int, threads: int = 2,
-            timeout: float = 600) -> dict:
-    """Run one train step of the bundle (``mode`` ``whole`` or ``streamed``) in a child and return its figures.
+            timeout: float = 600, steps: int = 2) -> dict:
+    """Run ``steps`` train steps of the bundle (``mode`` ``whole`` or ``streamed``) in a child and return its
+    figures. Two by default: the second step can allocate what the first did not (glibc's heap grew by ~70 MiB
+    at step 2 on MobileNetV2 224², last 20 layers, before ``device_app.memory.tune_malloc``), and the device
+    runs many.
 
     Returns:
         ``{"base_rss_bytes", "peak_rss_bytes", "base_anon_rss_bytes", "anon_rss_bytes", "runtime"}``.
@@ -30,7 +33,7 @@ def measure(bundle_dir: str | Path, batch_size: int, mode: str, micro_batch: int
         RuntimeError: the child failed (its stderr tail is in the message).
     """
     cmd = [sys.executable, "-m", "device_app.measure", str(bundle_dir), "--batch-size", str(batch_size),
-           "--mode", mode, "--micro-batch", str(micro_batch), "--threads", str(threads)]
+           "--mode", mode, "--micro-batch", str(micro_batch), "--threads", str(threads), "--steps", str(steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {mode} b{batch_size} failed: {proc.stderr[-2000:]}")

@@ -1,4 +1,5 @@
-"""A loaded bundle: the manifest plus one interpreter whose signatures share the model's variables.
+"""A loaded bundle: the manifest plus one interpreter whose signatures share the model's variables, and a short-lived
+second one for the frozen prefix (``features``).
 
 Relies on the manifest fields ``input`` (shape, mean/std normalisation), ``labels``, ``train_signatures``,
 ``weights`` (names and roles in ``get_weights``/``set_weights`` order) and on the signature names of
@@ -9,11 +10,14 @@ invoke allocates the interpreter arena, and that memory is never given back.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device_app.memory import trim_heap
 from device_app.runtime import check_signature_inputs, load_interpreter
 from hosvd_contract import MODEL_FILE, BundleError, Manifest, Sig, load_manifest
 
@@ -34,21 +38,45 @@ def normalise(x: np.ndarray, manifest: Manifest) -> np.ndarray:
     return x
 
 
+def mode_signatures(manifest: Manifest, mode: str) -> list[str]:
+    """The main interpreter's signatures a plan mode trains and evaluates with (``features`` runs apart).
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode == "whole":
+        return [s.train for s in manifest.train_signatures] + [Sig.EVALUATE, Sig.GET_WEIGHTS, Sig.SET_WEIGHTS]
+    if mode == "streamed":
+        return ([s.train_features for s in manifest.train_signatures]
+                + [Sig.EVALUATE_FEATURES, Sig.GET_WEIGHTS, Sig.SET_WEIGHTS])
+    raise ValueError(f"unknown plan mode {mode!r}; expected whole or streamed")
+
+
 class Bundle:
     """Signatures of one bundle as numpy functions.
+
+    ``features`` runs in an interpreter of its own (XNNPACK for the prefix only), created for each call and freed
+    before it returns: the prefix's packed weights and arena never coexist with a train step's arena
+    (docs/bench.md, "What the device runtime holds"). The prefix has no variables, so nothing is lost.
 
     Args:
         path: the bundle directory (``manifest.json`` + ``model.tflite``); the hash is verified.
         num_threads: interpreter threads.
+        mode: the plan mode (``whole`` or ``streamed``, :mod:`device_app.steps`) this process trains and
+            evaluates with: only the signatures it runs (:func:`mode_signatures`) are delegated to XNNPACK on
+            the main interpreter, op by op (``fuse=False`` of :func:`~device_app.runtime.load_interpreter`); the
+            others still run, more slowly. ``None`` delegates all, with XNNPACK's fused partitions, as before.
 
     Raises:
         BundleError: invalid bundle, or a signature/weight the manifest names is missing from the model.
     """
 
-    def __init__(self, path: str | os.PathLike[str], num_threads: int = 2) -> None:
+    def __init__(self, path: str | os.PathLike[str], num_threads: int = 2, mode: str | None = None) -> None:
         self.path = Path(path)
+        self.num_threads = num_threads
         self.manifest = load_manifest(self.path)
-        self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads)
+        delegated = None if mode is None else mode_signatures(self.manifest, mode)
+        self.interpreter = load_interpreter(self.path / MODEL_FILE, num_threads, delegated, fuse=mode is None)
         self.signatures = self.interpreter.get_signature_list()
         self._runners: dict[str, Any] = {}
         self._label_dtypes: dict[str, np.dtype] = {}
@@ -117,10 +145,32 @@ class Bundle:
         Raises:
             InputError: ``x`` is not ``(N, *manifest.input.shape)``.
         """
-        x = np.asarray(x)
-        self._check_shape(Sig.FEATURES, x, False)
-        outs = self._batched(Sig.FEATURES, {Sig.X: normalise(x, self.manifest)}, micro_batch)
-        return np.concatenate([o[Sig.FEATURES_IN] for o in outs])
+        with self.prefix(micro_batch) as run:
+            return run(x)
+
+    @contextmanager
+    def prefix(self, micro_batch: int) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """A ``features`` function (raw windows -> prefix features, ``micro_batch`` windows per invoke) on an
+        interpreter of its own that lives for the ``with`` block; its memory goes back to the system after.
+
+        Raises:
+            InputError: (from the function) windows not of ``manifest.input.shape``.
+        """
+        held = [load_interpreter(self.path / MODEL_FILE, self.num_threads, {Sig.FEATURES},
+                                 fuse=True).get_signature_runner(Sig.FEATURES)]
+
+        def run(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x)
+            self._check_shape(Sig.FEATURES, x, False)
+            data = normalise(x, self.manifest)
+            return np.concatenate([np.array(held[0](**{Sig.X: data[i:i + micro_batch]})[Sig.FEATURES_IN])
+                                   for i in range(0, len(data), micro_batch)])
+
+        try:
+            yield run
+        finally:
+            held.clear()  # the runner holds the interpreter
+            trim_heap()  # the prefix interpreter is gone: hand its memory back before the next arena grows
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, from_features: bool = False,
                  batch: int = EVAL_BATCH) -> dict[str, float]:

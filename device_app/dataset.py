@@ -94,6 +94,32 @@ class BatchReader:
                     self.cache = False
         return found
 
+    def prefetch(self, ids: np.ndarray, chunk: int) -> None:
+        """Compute and cache the prefix features of every window of ``ids`` not cached yet, ``chunk`` windows at a
+        time, on one prefix interpreter that is gone when this returns: a streamed run does this before its
+        first train step, so the prefix's memory never adds to the train step's arena (docs/bench.md, "What the
+        device runtime holds"). Stops early (caching off, with a warning) when the disk is full; windows
+        missed are then computed as they are drawn."""
+        if not self.cache:
+            return
+        sha = self.bundle.sha256
+        with self.bundle.prefix(self.micro_batch) as features:
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                have = self.store.cached_features(part, sha)
+                windows = self.store.windows_by_id(sorted({int(i) for i in part} - set(have)))
+                if not windows:
+                    continue
+                missing = sorted(windows)
+                computed = features(np.stack([windows[i] for i in missing]))
+                self.computed += len(missing)
+                try:
+                    self.store.put_features(np.array(missing), computed, sha)
+                except DiskFull as err:
+                    log.warning("%s; going on without the feature cache", err)
+                    self.cache = False
+                    return
+
     def _present(self, ids: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(x, y, kept positions)`` for the windows of ``ids`` that are still stored."""
         found = self.inputs(ids)

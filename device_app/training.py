@@ -3,10 +3,13 @@
 Plain functions over a bundle, a store and a job; progress goes out through an ``emit`` callback and a stop
 request comes in through a ``threading.Event``-like object, so the same code runs in the daemon's child and
 in tests. The store is read one batch at a time (:mod:`device_app.dataset`): class-balanced batches of window
-ids, evaluation in batches too, so memory does not grow with the number of stored windows. Rules: restore the
-newest checkpoint first; checkpoint every ``checkpoint_every`` steps and at the end; on a non-finite loss
-restore the last good weights and stop; when validation accuracy ends more than ``rollback_tolerance`` below
-where the run started, discard the run's checkpoints and restore the start.
+ids, evaluation in batches too, so memory does not grow with the number of stored windows. A streamed run with
+the feature cache first caches the prefix features of every window it will read (the whole training split, or
+the batches of a short run, drawn up front) and of the validation split
+(:meth:`~device_app.dataset.BatchReader.prefetch`), so the prefix interpreter is gone before the train step's
+arena is allocated. Rules: restore the newest checkpoint first; checkpoint every ``checkpoint_every`` steps and
+at the end; on a non-finite loss restore the last good weights and stop; when validation accuracy ends more
+than ``rollback_tolerance`` below where the run started, discard the run's checkpoints and restore the start.
 """
 
 from __future__ import annotations
@@ -105,15 +108,22 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
                             "and label data first")
     from_features = plan.mode == "streamed" and bundle.has_features
     reader = BatchReader(bundle, store, from_features, plan.micro_batch, job.feature_cache)
+    rng = np.random.default_rng(job.seed + start_step)
+    batch_iter = balanced_batches(train.y, plan.batch_size, rng)
+    if reader.cache:  # streamed with the cache: every window the run will read gets its features first
+        used = train.ids
+        if job.steps * plan.batch_size < len(train):  # a short run: draw its batches now, prefetch only those
+            drawn = [next(batch_iter) for _ in range(job.steps)]
+            used = np.unique(train.ids[np.concatenate(drawn)]) if drawn else train.ids[:0]
+            batch_iter = iter(drawn)
+        reader.prefetch(np.concatenate([used, val.ids]), plan.batch_size)
     eval_batch = job.eval_batch or plan.batch_size
     val_before = reader.evaluate(val, eval_batch)
     start_weights = good = bundle.get_weights()
     t0 = time.monotonic()
-    rng = np.random.default_rng(job.seed + start_step)
     losses: list[float] = []
     corrects: list[float] = []
     status, reason, written = "ok", "", []
-    batch_iter = balanced_batches(train.y, plan.batch_size, rng)
     for i in range(job.steps):
         if stop.is_set():
             status, reason = "stopped", f"stop requested after {i} steps"

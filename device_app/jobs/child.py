@@ -40,7 +40,8 @@ def _run(job: Job, send: Any, stop: Any, parent: int) -> dict[str, Any]:
     from device_app.training import run_evaluation, run_training
     from hosvd_contract import BundleError
 
-    bundle = Bundle(job.bundle_dir, job.threads)
+    # a training child delegates only what its plan runs; evaluation and the probe run whatever they need
+    bundle = Bundle(job.bundle_dir, job.threads, job.plan.mode if job.kind == "train" and job.plan else None)
     if job.expected_sha256 and bundle.sha256 != job.expected_sha256:
         raise BundleError(f"bundle {job.bundle_dir} changed since the job was planned: its model has sha256 "
                           f"{bundle.sha256[:12]}…, the plan was for {job.expected_sha256[:12]}…; reload it")

@@ -203,3 +203,30 @@ def test_local_train_cli_shows_progress(tmp_path: Path, imu_bundle: Path, imu_ma
     assert "checkpoint ckpt-000000020.npz" in captured.out
     assert main(["train", "--config", str(config), "--steps", "5"]) == 0
     assert "checkpoint ckpt-000000025.npz" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("steps", [2, 40])
+def test_a_streamed_run_caches_its_windows_features_before_the_first_step(tmp_path: Path, imu_bundle: Path,
+                                                                           imu_manifest: Manifest,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           steps: int) -> None:
+    """The prefix runs (on its own interpreter) only before the first train step: a short run for the batches it
+    draws, a long one for the whole training split, plus validation either way; the steps then read the cache."""
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 16)
+    train, val = store.split_index("train", imu_manifest.labels), store.split_index("val", imu_manifest.labels)
+    bundle = Bundle(imu_bundle, 1, "streamed")
+    plan = choose_plan(imu_manifest, ceiling_mb=0, daemon_bytes=0, child_base_bytes=0, streamed_ok=True)
+    assert plan.mode == "streamed"
+    calls: list[str] = []
+    real_step, real_prefix = Bundle.train_step, Bundle.prefix
+    monkeypatch.setattr(Bundle, "train_step", lambda self, *a, **k: calls.append("step") or real_step(self, *a, **k))
+    monkeypatch.setattr(Bundle, "prefix", lambda self, *a, **k: calls.append("prefix") or real_prefix(self, *a, **k))
+    job = Job("train", str(imu_bundle), str(tmp_path / "s.sqlite"), str(tmp_path / "ck"), threads=1, plan=plan,
+              steps=steps, checkpoint_every=100, feature_cache=True)
+    result = run_training(bundle, store, job, lambda e: None, threading.Event(), lambda: 1)
+    assert result["status"] == "ok" and result["steps_done"] == steps
+    assert calls.count("prefix") == 1 and calls.index("prefix") < calls.index("step"), calls
+    whole_split = steps * plan.batch_size >= len(train)
+    assert (result["features_computed"] == len(train) + len(val)) == whole_split, result["features_computed"]
+    assert result["features_cached"] > 0
