@@ -48,6 +48,8 @@ def shifted_window(xp: tf.Tensor, kh: int, kw: int, out_hw: tuple[int, int], str
     h0, w0 = kh * dilation[0], kw * dilation[1]
     h1 = h0 + (out_hw[0] - 1) * strides[0] + 1
     w1 = w0 + (out_hw[1] - 1) * strides[1] + 1
+    if (h0, w0, h1, w1) == (0, 0, *xp.shape[1:3]) and tuple(strides) == (1, 1):
+        return xp  # a full-range slice would still be a copy
     return xp[:, h0:h1:strides[0], w0:w1:strides[1], :]
 
 
@@ -84,7 +86,8 @@ def tap_window(x: tf.Tensor, pads: Pads, tap: tuple[int, int], out_hw: tuple[int
         begin.append(start)
         end.append(start + (hi - lo - 1) * strides[a] + 1)
         edges.append((lo, out_hw[a] - hi))
-    window = x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]
+    whole = all(begin[a] == 0 and end[a] == x.shape[1 + a] and strides[a] == 1 for a in range(2))
+    window = x if whole else x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]  # no copy of x
     return pad_hw(window, tuple(edges))
 
 
@@ -151,6 +154,8 @@ def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads
     tail_h, tail_w = hp - dxp.shape[1], wp - dxp.shape[2]
     if tail_h or tail_w:
         dxp = tf.pad(dxp, [[0, 0], [0, tail_h], [0, tail_w], [0, 0]])
+    if tuple(dxp.shape[1:3]) == tuple(in_hw):
+        return dxp  # nothing to crop: a full-range slice would still be a copy
     return dxp[:, pads[0][0]: pads[0][0] + in_hw[0], pads[1][0]: pads[1][0] + in_hw[1], :]
 
 
