@@ -3,6 +3,15 @@
 Everything here works on NHWC tensors with static shapes. Convolution padding is always explicit
 (``pads = ((top, bottom), (left, right))``) so that 'same', 'valid' and 'causal' share one code path and the
 backward pass knows exactly which input positions each output saw.
+
+Trained weights are variables, and XNNPACK (ai-edge-litert's default delegate) runs CONV_2D, DEPTHWISE_CONV_2D,
+TRANSPOSE_CONV and FULLY_CONNECTED only with *constant* weights: with a variable operand they fall back to the
+built-in kernels (``python -m bench.layers``). BATCH_MATMUL, MUL, ADD, PAD, SUM and stride-1 slices it runs with
+dynamic operands. So the layers' computations on trained weights go through :func:`matmul` (always a rank-2
+BATCH_MATMUL) and :func:`im2col_matmul` (im2col + one matmul). The compression's own products
+(:func:`mode_dot`, :func:`gram`) keep their forms: moved to BATCH_MATMUL they raised the hosvd peak, and an asi
+conversion failed with "'tfl.batch_matmul' op found invalid output rank, expected 3 but got 4" from
+:func:`mode_dot`'s reshape-matmul-reshape.
 """
 
 from __future__ import annotations
@@ -39,7 +48,72 @@ def shifted_window(xp: tf.Tensor, kh: int, kw: int, out_hw: tuple[int, int], str
     h0, w0 = kh * dilation[0], kw * dilation[1]
     h1 = h0 + (out_hw[0] - 1) * strides[0] + 1
     w1 = w0 + (out_hw[1] - 1) * strides[1] + 1
+    if (h0, w0, h1, w1) == (0, 0, *xp.shape[1:3]) and tuple(strides) == (1, 1):
+        return xp  # a full-range slice would still be a copy
     return xp[:, h0:h1:strides[0], w0:w1:strides[1], :]
+
+
+def matmul(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False, transpose_b: bool = False) -> tf.Tensor:
+    """``a @ b`` of two matrices as a BATCH_MATMUL whatever the operands (XNNPACK runs it with both dynamic).
+
+    ``tf.matmul(..., transpose_b=True)`` (and ``tf.matmul(a, tf.transpose(b))``) lower to FULLY_CONNECTED, which
+    XNNPACK delegates only when ``b`` is a constant. Rank 2 only: the TFLite converter rejects BATCH_MATMUL
+    outputs above rank 3.
+    """
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise ValueError(f"ops.matmul takes matrices, got shapes {a.shape} and {b.shape}")
+    return tf.raw_ops.BatchMatMulV3(x=a, y=b, adj_x=transpose_a, adj_y=transpose_b, Tout=a.dtype)
+
+
+def _tap_range(size: int, out: int, tap: int, stride: int, dilation: int, pad: int) -> tuple[int, int]:
+    """Output positions ``[lo, hi)`` along one axis whose input ``o·stride + tap·dilation - pad`` is inside."""
+    offset = tap * dilation - pad
+    lo = min(max(-(offset // stride), 0), out)  # ceil(-offset / stride)
+    hi = max(min((size - 1 - offset) // stride + 1, out), lo)
+    return lo, hi
+
+
+def tap_window(x: tf.Tensor, pads: Pads, tap: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
+               dilation: tuple[int, int]) -> tf.Tensor:
+    """The (B, H', W', C) window of *unpadded* ``x`` that kernel tap ``tap`` multiplies, zero where it reads the
+    padding: a slice of ``x`` padded by its own few rows/columns, so no padded copy of ``x`` is made."""
+    begin, end, edges = [], [], []
+    for a in range(2):
+        lo, hi = _tap_range(x.shape[1 + a], out_hw[a], tap[a], strides[a], dilation[a], pads[a][0])
+        if hi == lo:  # the tap reads only padding along this axis
+            return tf.zeros(tf.stack([tf.shape(x)[0], *out_hw, x.shape[3]]))
+        start = lo * strides[a] + tap[a] * dilation[a] - pads[a][0]
+        begin.append(start)
+        end.append(start + (hi - lo - 1) * strides[a] + 1)
+        edges.append((lo, out_hw[a] - hi))
+    whole = all(begin[a] == 0 and end[a] == x.shape[1 + a] and strides[a] == 1 for a in range(2))
+    window = x if whole else x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]  # no copy of x
+    return pad_hw(window, tuple(edges))
+
+
+def im2col(x: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int],
+           pads: Pads = ((0, 0), (0, 0))) -> tf.Tensor:
+    """(B, H', W', KH·KW·C): the kernel taps' windows of ``x`` padded by ``pads``, side by side, tap-major (kernel
+    order). Each window pads itself (:func:`tap_window`): a whole padded ``x`` would be the same tensor as the
+    weight gradient's padded saved input, which the TFLite converter then shares and keeps from the forward to the
+    backward half."""
+    kh, kw = kernel_hw
+    out_hw = tuple(out_size(x.shape[1 + a], kernel_hw[a], strides[a], dilation[a], pads[a]) for a in range(2))
+    windows = [tap_window(x, pads, (i, j), out_hw, strides, dilation) for i in range(kh) for j in range(kw)]
+    return windows[0] if len(windows) == 1 else tf.concat(windows, axis=-1)
+
+
+def im2col_matmul(x: tf.Tensor, weights: tf.Tensor, kernel_hw: tuple[int, int], strides: tuple[int, int],
+                  dilation: tuple[int, int], pads: Pads = ((0, 0), (0, 0)),
+                  transpose_weights: bool = False) -> tf.Tensor:
+    """Convolution of ``x`` padded by ``pads`` as im2col + one BATCH_MATMUL, (B, H', W', N).
+
+    ``weights`` is (KH·KW·C, N), tap-major like :func:`im2col`, or (N, KH·KW·C) with ``transpose_weights``. The
+    im2col tensor is as large as the scratch the built-in CONV_2D allocates for a variable filter.
+    """
+    cols = im2col(x, kernel_hw, strides, dilation, pads)
+    y = matmul(flatten_rows(cols), weights, transpose_b=transpose_weights)
+    return tf.reshape(y, [-1, *cols.shape[1:3], y.shape[-1]])  # the batch may be dynamic (infer, features)
 
 
 def zero_insert(dy: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
@@ -80,6 +154,8 @@ def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads
     tail_h, tail_w = hp - dxp.shape[1], wp - dxp.shape[2]
     if tail_h or tail_w:
         dxp = tf.pad(dxp, [[0, 0], [0, tail_h], [0, tail_w], [0, 0]])
+    if tuple(dxp.shape[1:3]) == tuple(in_hw):
+        return dxp  # nothing to crop: a full-range slice would still be a copy
     return dxp[:, pads[0][0]: pads[0][0] + in_hw[0], pads[1][0]: pads[1][0] + in_hw[1], :]
 
 

@@ -60,14 +60,17 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
-    """``t + 0·s`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
+    """``t + min(|s|, 0)`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
 
     TFLite has no control edges, and the converter's op order does not follow the train step's forward/backward
     structure: it moved compressions after the loss (keeping full-size activations alive through the forward
-    pass) and hoisted backward-only work (unpacked masks, expanded cores) before it. A data dependency is the
-    one ordering it keeps. Float ``0·s`` is not folded away (it is NaN for an infinite ``s``).
+    pass) and hoisted backward-only work (unpacked masks, expanded cores, kernels in matmul form) before it. A
+    data dependency is the one ordering it keeps. The zero must be one the converter cannot fold: it folded
+    ``t + 0·s`` to ``t`` (checked on TF 2.21: ``pad(depend(x, dy))`` became a lone PAD of ``x``), it keeps
+    ``min(|s|, 0)`` (ABS, MINIMUM, ADD), which is 0 for every ``s`` but NaN.
     """
-    zero = 0.0 * tf.cast(tf.reshape(tf.slice(tf.reshape(on, [-1]), [0], [1]), []), tf.float32)
+    first = tf.cast(tf.reshape(tf.slice(tf.reshape(on, [-1]), [0], [1]), []), tf.float32)
+    zero = tf.minimum(tf.abs(first), 0.0)
     if t.dtype.is_floating:
         return t + tf.cast(zero, t.dtype)
     # integer (packed uint8) tensors: a SLICE starting at a computed 0 (uint8 ADD/SELECT are not builtins)

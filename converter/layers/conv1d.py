@@ -39,7 +39,7 @@ def _kernel_2d(kernel: tf.Tensor) -> tf.Tensor:
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     x4 = _as_2d(xs[0])
-    y = tf.squeeze(conv2d.conv(x4, _kernel_2d(params["kernel"]), node.config), axis=1)
+    y = tf.squeeze(conv2d.conv(x4, _kernel_2d(params["kernel"]), node.config, node.trainable), axis=1)
     if "bias" in params:
         y = y + params["bias"]
     return y, ctx.save_input(node, x4)

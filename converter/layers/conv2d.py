@@ -2,7 +2,14 @@
 
 Saves its input (through the compression method) for the weight gradient. The weight gradient is KH·KW
 shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is a
-TRANSPOSE_CONV, or for dilated kernels a full correlation with the flipped kernel.
+full correlation of the stride-spread ``dy`` with the flipped kernel. A trained kernel is a variable, which XNNPACK
+does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable layer run
+as im2col + BATCH_MATMUL (:func:`converter.ops.im2col_matmul`); frozen layers keep CONV_2D.
+
+The forward's im2col pads each tap's window by itself and never makes the padded input: the TFLite converter
+folds ``engine.after_dy``'s tie, so a whole padded input in the forward would be the very tensor the weight
+gradient pads and slices, shared and kept from the forward half to the backward half (65 % larger than the input
+at 7×7 with a 3×3 kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import CHANNELS, Factored, expand_spatial, lift_channels, project_batch
 from converter.errors import ConversionError
-from converter.layers.base import ForwardContext, Node
+from converter.layers.base import ForwardContext, Node, depend
 
 WEIGHTED = True
 
@@ -49,13 +56,18 @@ def parse(layer, node: Node) -> None:
         node.weights["bias"] = layer.bias.numpy()
 
 
-def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
+def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict, trainable: bool) -> tf.Tensor:
+    """The forward convolution: CONV_2D for a constant (frozen) kernel, im2col + matmul for a trained one."""
+    if trainable:
+        kh, kw, c_in, c_out = kernel.shape
+        return ops.im2col_matmul(x, tf.reshape(kernel, [kh * kw * c_in, c_out]), (kh, kw), cfg["strides"],
+                                 cfg["dilation"], cfg["pads"])
     xp = ops.pad_hw(x, cfg["pads"])
     return tf.nn.conv2d(xp, kernel, strides=cfg["strides"], padding="VALID", dilations=cfg["dilation"])
 
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
-    y = conv(xs[0], params["kernel"], node.config)
+    y = conv(xs[0], params["kernel"], node.config, node.trainable)
     if "bias" in params:
         y = y + params["bias"]
     return y, ctx.save_input(node, xs[0])
@@ -81,8 +93,10 @@ def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad, tap_sh
 
     def body(tap: tf.Tensor, acc: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         begin = tf.stack([0, (tap // kw) * dh, (tap % kw) * dw, 0])
-        size = tf.constant([kb, (oh - 1) * sh + 1, (ow - 1) * sw + 1, kc])
-        window = tf.strided_slice(zp, begin, begin + size, [1, sh, sw, 1])
+        # SLICE with a constant size keeps the body's shapes static (XNNPACK then plans its ops once)
+        window = tf.slice(zp, begin, [kb, (oh - 1) * sh + 1, (ow - 1) * sw + 1, kc])
+        if (sh, sw) != (1, 1):
+            window = window[:, ::sh, ::sw, :]
         g = tap_grad(tf.reshape(window, [-1, kc]), dy_b)
         pick = tf.reshape(tf.one_hot(tap, kh * kw), [kh * kw, 1, 1])
         return tap + 1, acc + pick * tf.expand_dims(g, 0)
@@ -98,22 +112,25 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
     u_c = saved.factors[CHANNELS]
     c_in = saved.core.shape[3] if u_c is None else u_c.shape[0]
     return weight_grad_taps(saved, dy, cfg,
-                            lambda window, dy_b: lift_channels(saved, tf.matmul(window, dy_b, transpose_a=True)),
+                            lambda window, dy_b: lift_channels(saved, ops.matmul(window, dy_b, transpose_a=True)),
                             (c_in, dy.shape[-1]))
 
 
 def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
-    """dL/dx (B, H, W, C_in)."""
-    (pt, pb), (pl, pr) = cfg["pads"]
-    h, w = cfg["in_hw"]
-    if cfg["dilation"] == (1, 1):
-        shape = [dy.shape[0], h + pt + pb, w + pl + pr, kernel.shape[2]]
-        dxp = tf.nn.conv2d_transpose(dy, kernel, shape, strides=cfg["strides"], padding="VALID")
-        return dxp[:, pt: pt + h, pl: pl + w, :]
-    flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+    """dL/dx (B, H, W, C_in): the spread ``dy`` correlated with the flipped kernel (im2col + matmul).
+
+    The flipped kernel goes in as (C_in, KH·KW·C_out) with a transposed matmul: a (KH·KW·C_out, C_in) transpose
+    feeding a plain matmul is folded by the TFLite converter into a FULLY_CONNECTED, which XNNPACK refuses for a
+    variable weight. The kernel is tied to ``dy``: its matmul form depends on the variable only, and the converter
+    made it in the forward half and kept it across.
+    """
+    kh, kw = cfg["kernel_hw"]
+    kernel = depend(kernel, dy)
+    flipped = tf.reverse(kernel, [0, 1]) if kh * kw > 1 else kernel
+    rows = tf.reshape(tf.transpose(flipped, [2, 0, 1, 3]), [kernel.shape[2], -1])
     return ops.input_grad_via_correlation(
         dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
-        lambda t: tf.nn.conv2d(t, flipped, strides=1, padding="VALID", dilations=cfg["dilation"]))
+        lambda t: ops.im2col_matmul(t, rows, (kh, kw), (1, 1), cfg["dilation"], transpose_weights=True))
 
 
 def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: bool):

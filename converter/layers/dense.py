@@ -1,6 +1,8 @@
 """Dense on 2-D (B, F) or N-D (B, ..., F) inputs: forward, backward and saved-activation size.
 
 Saves its input whole: the paper compresses convolution activations, and a Dense input is already a matrix.
+A trained layer's products are BATCH_MATMULs (:func:`converter.ops.matmul`): the input gradient's ``dy @ Wᵀ``
+would otherwise become a FULLY_CONNECTED with a variable weight, which XNNPACK does not run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def parse(layer, node: Node) -> None:
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     x = xs[0]
-    y = tf.matmul(ops.flatten_rows(x), params["kernel"])
+    matmul = ops.matmul if node.trainable else tf.matmul  # a frozen head: FULLY_CONNECTED, constant weights
+    y = matmul(ops.flatten_rows(x), params["kernel"])
     if "bias" in params:
         y = y + params["bias"]
     if len(node.in_shapes[0]) > 1:
@@ -33,12 +36,12 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
 
 def backward(node: Node, params: dict, saved: tf.Tensor, dy: tf.Tensor, need_dx: bool):
     x2, dy2 = ops.flatten_rows(saved), ops.flatten_rows(dy)
-    grads = {"kernel": tf.matmul(x2, dy2, transpose_a=True)}
+    grads = {"kernel": ops.matmul(x2, dy2, transpose_a=True)}
     if "bias" in params:
         grads["bias"] = tf.reduce_sum(dy2, axis=0)
     dx = None
     if need_dx:
-        dx = tf.reshape(tf.matmul(dy2, params["kernel"], transpose_b=True), saved.shape)
+        dx = tf.reshape(ops.matmul(dy2, params["kernel"], transpose_b=True), saved.shape)
     return [dx], grads
 
 

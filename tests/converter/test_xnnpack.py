@@ -1,14 +1,111 @@
-"""The measuring instruments of the step-speed work: ``bench.xnnpack`` tells which kernel (XNNPACK or built-in)
-runs each op of a signature, from the interpreter's delegated node list, and its op census counts MACs from the
-shapes (WHILE bodies times their trip count)."""
+"""Which kernels run the training step: every trainable-layer matmul and convolution that XNNPACK can run with a
+variable weight must reach it (``bench.xnnpack`` reads the interpreter's delegated node list), the gradients of the
+lowered ops still match ``tf.GradientTape``, and the op census counts MACs from the shapes."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
+import keras
 import numpy as np
+import pytest
 import tensorflow as tf
+from keras import layers
 
 from bench import xnnpack
-from bench.layers import LayerCase, layer_model
+from bench.layers import CASES, COMPUTE_OPS, LayerCase, layer_model
+from converter.convert import convert
+from hosvd_contract import MODEL_FILE
+from tests.converter.models import weighted_count
+from tests.converter.test_gradients import reference_gradients, tflite_step
+
+BATCH = 4
+# XNNPACK takes these only with constant weights; a trainable layer must never leave one on the built-in kernels
+# (DEPTHWISE_CONV_2D has no XNNPACK form with a variable filter: see converter/layers/depthwise.py).
+REFUSED = ("CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
+
+
+def mobilenet_like() -> keras.Model:
+    """The layer types of MobileNetV2's trainable tail (1×1 expand/project, 3×3 depthwise with multiplier 1,
+    frozen BN, ReLU6, Dense head) plus a 3×3 conv, strided 1×1 and depthwise layers."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((10, 10, 3))
+    h = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv3x3")(inp)
+    h = layers.ReLU(6.0, name="relu6_a")(layers.BatchNormalization(name="bn_a")(h))
+    h = layers.Conv2D(16, 1, use_bias=False, name="expand")(h)
+    h = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise")(h)
+    h = layers.ReLU(6.0, name="relu6_b")(h)
+    h = layers.Conv2D(8, 1, strides=2, name="project_s2")(h)  # 10 -> 5
+    h = layers.DepthwiseConv2D(3, strides=2, name="depthwise_s2")(h)  # 5 -> 2
+    h = layers.Conv2D(12, 1, use_bias=False, name="conv_1")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(5, activation="softmax", name="head")(h)  # (4, 5): no square output like a Gram's
+    return keras.Model(inp, out, name="mobilenet_like")
+
+
+def _build(method: str, out) -> tuple[str, keras.Model, object]:
+    """``none`` at learning rate 1 (the step is the gradient); ``hosvd`` and ``asi`` at ε 0.8 on calibration data, so
+    their layers really are saved factored (at ε 1 the full-rank form is not smaller and is saved whole)."""
+    model = mobilenet_like()
+    calibration = np.random.default_rng(3).standard_normal((4 * BATCH, 10, 10, 3)).astype(np.float32)
+    convert(model, out, train_last=weighted_count(model), compression=method, max_rank=32, subspace_iters=1,
+            batch_sizes=(BATCH,), learning_rate=1.0, measure_memory=False,
+            **({} if method == "none" else dict(epsilon=0.8, calibration_data=calibration)))
+    return method, model, out
+
+
+@pytest.fixture(scope="module", params=["none", "hosvd", "asi"])
+def bundle(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_no_trainable_layer_op_falls_back_to_builtin_kernels(bundle):
+    """``none``: no CONV_2D, TRANSPOSE_CONV or FULLY_CONNECTED on the built-in kernels in ``train_features`` or
+    ``infer`` (a frozen layer's constant filter is delegated). ``hosvd``: the layers' convolutions neither; the
+    compression's own small products (Gram matrices, subspace iteration, mode products: ``ops.mode_dot`` /
+    ``ops.gram``) may stay FULLY_CONNECTED. DEPTHWISE_CONV_2D has no XNNPACK path with a variable filter."""
+    method, _, path = bundle
+    content = (path / MODEL_FILE).read_bytes()
+    trained = [layer for layer in json.loads((path / "manifest.json").read_text())["layers"] if layer["trainable"]]
+    assert method in {layer["compression"] for layer in trained}  # the compressed path is the one checked
+    refused = REFUSED if method == "none" else ("CONV_2D", "TRANSPOSE_CONV")
+    for signature in ("train_features", "infer"):
+        found = xnnpack.placements(content, signature)
+        matmuls = [p for p in found if p.op == "BATCH_MATMUL"]
+        assert matmuls and all(p.delegated for p in matmuls), (method, signature)
+        assert not xnnpack.builtin_ops(found, refused), (signature, xnnpack.builtin_ops(found, refused))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.keras_type != "DepthwiseConv2D"], ids=lambda c: c.name)
+def test_benchmark_layers_run_on_xnnpack(case):
+    """The layers ``bench.layers`` times (MobileNetV2's trained 1×1 convs and head, a 3×3 Conv2D, a Conv1D), at a
+    small batch: every compute op of the training step is delegated."""
+    content = layer_model(replace(case, batch=2))
+    for signature in ("forward", "step"):
+        found = xnnpack.placements(content, signature)
+        assert not xnnpack.builtin_ops(found, COMPUTE_OPS), (signature, xnnpack.builtin_ops(found, COMPUTE_OPS))
+
+
+def test_lowered_step_matches_gradient_tape(tmp_path):
+    """The lowered products are the exact gradient (``none``: nothing compressed; the Tucker algebra of the
+    compressed forms is checked at full rank in test_gradients.py)."""
+    _, model, path = _build("none", tmp_path)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((BATCH, 10, 10, 3)).astype(np.float32)
+    y = rng.integers(0, 4, BATCH).astype(np.int32)
+    before, after, _ = tflite_step(path, x, y)
+    reference = reference_gradients(model, x, y)
+    checked = 0
+    for (layer, role), ref in reference.items():
+        if layer.startswith("bn"):
+            continue
+        name = f"{layer}__{'depthwise_kernel' if 'depthwise' in layer and role == 'kernel' else role}"
+        step = before[name] - after[name]  # learning rate 1
+        rel = np.linalg.norm(step - ref) / np.linalg.norm(ref)
+        assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
+        checked += 1
+    assert checked == 10
 
 
 def test_census_counts_macs_and_sees_variable_convolutions_on_builtin_kernels():
