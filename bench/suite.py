@@ -40,6 +40,7 @@ class RunSpec:
         cached_steps: timed ``train_features`` steps on cached prefix features (streamed plans).
         optimizer: ``sgd`` or ``adam``.
         learning_rate: the optimizer's step size.
+        subspace_iters: the converter's subspace-iteration steps per mode (``svd``/``hosvd``).
     """
 
     model: str
@@ -57,6 +58,7 @@ class RunSpec:
     cached_steps: int = 5
     optimizer: str = "sgd"
     learning_rate: float = 0.01
+    subspace_iters: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
