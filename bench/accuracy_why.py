@@ -12,6 +12,11 @@ seed, each paired with a ``none`` run of the same steps and learning rate:
 
 Writes ``records.jsonl``/``records.json`` (the harness's records) and ``why.md`` (the gap table) under
 ``bench/results/why-<dataset>-<time>/``.
+
+``--ranks`` measures instead, in numpy on the pre-trained models, the exact ε-ranks per mode (B, H, W, C) of the
+first trainable layer's input, batch by batch, on the factory calibration data (what sizes the static ranks) and
+on the new user's shifted training data (what the device compresses), and the share of each batch's energy that
+its batch mean holds (post-ReLU activations are non-negative, so their mean is one dominant component).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.__main__ import DEFAULT_CACHE, DEFAULT_RESULTS
 from bench.suite import DATA_MODELS, RunSpec
@@ -72,14 +79,49 @@ def gap_table(pairs: list[tuple[str, RunSpec, RunSpec]], records: list[dict[str,
     return rows
 
 
+def eps_rank(t: np.ndarray, mode: int, eps: float) -> int:
+    """Smallest k with Σσ²(top k) / Σσ² ≥ ε for the mode-``mode`` unfolding of ``t`` (the paper's rule)."""
+    s2 = np.linalg.svd(np.moveaxis(t, mode, 0).reshape(t.shape[mode], -1), compute_uv=False) ** 2
+    return int(np.searchsorted(np.cumsum(s2) / s2.sum(), eps - 1e-12) + 1)
+
+
+def rank_table(dataset: str, seeds: tuple[int, ...], cache_dir: Path, eps: float = 0.8) -> list[str]:
+    """Markdown rows: mean (max) ε-ranks per mode and the batch mean's energy share, factory vs new user."""
+    import keras
+
+    from bench import realdata
+    from demo.run import SETTINGS
+
+    batch, layer = SETTINGS[dataset].batch_size, "conv3"
+    rows = [f"| seed | data | ε{eps:g}-ranks B, H, W, C: mean over batches (max) | batch mean's energy share |",
+            "|---|---|---|---|"]
+    for seed in seeds:
+        real = realdata.load(dataset, seed, cache_dir)
+        prefix = keras.Model(real.model.inputs, real.model.get_layer(layer).input)
+        for name, x in (("factory calibration", real.calibration), ("new user, shifted", real.x_train)):
+            acts = prefix.predict(x, verbose=0)
+            acts = acts[:, None] if acts.ndim == 3 else acts  # Conv1D: (B, 1, L, C), the converter's layout
+            blocks = [acts[i:i + batch] for i in range(0, len(acts) - batch + 1, batch)]
+            ranks = np.array([[eps_rank(b, mode, eps) for mode in range(4)] for b in blocks])
+            share = statistics.fmean(float(len(b) * np.sum(b.mean(0) ** 2) / np.sum(b**2)) for b in blocks)
+            text = ", ".join(f"{m:.1f} ({x})" for m, x in zip(ranks.mean(0), ranks.max(0), strict=True))
+            rows.append(f"| {seed} | {name} | {text} | {share:.2f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy_why", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=sorted(DATA_MODELS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--ranks", action="store_true", help="measure the ε-ranks of conv3's input instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.ranks:
+        print(f"Command: `python -m bench.accuracy_why --ranks --dataset {args.dataset}`\n")
+        print("\n".join(rank_table(args.dataset, tuple(args.seeds), args.cache_dir)))
+        return 0
     from bench import runner
 
     pairs = specs(args.dataset, tuple(args.seeds))
