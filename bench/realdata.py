@@ -47,7 +47,8 @@ def load(dataset: str, seed: int, cache_dir: Path) -> RealData:
     """Split, shift and normalise ``dataset`` for ``seed`` and pre-train (or load) its factory model.
 
     Args:
-        dataset: ``digits`` or ``basicmotions``.
+        dataset: a data set with settings in ``demo.run.SETTINGS`` (``digits``, ``basicmotions``,
+            ``japanesevowels``, ``plaid``).
         seed: split, pre-training and initialisation seed.
         cache_dir: where pre-trained models are kept between invocations.
     """

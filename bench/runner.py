@@ -141,7 +141,7 @@ class Workspace:
                            epsilon=spec.epsilon or 0.8, batch_sizes=(spec.batch_size,), optimizer=spec.optimizer,
                            learning_rate=spec.learning_rate, calibration_data=src["calibration"],
                            ram_budget_mb=budget_mb, labels=src["labels"], input_spec=src["input_spec"],
-                           micro_batch=spec.micro_batch, measure_memory=False)
+                           micro_batch=spec.micro_batch, subspace_iters=spec.subspace_iters, measure_memory=False)
         wall = time.perf_counter() - started
         layers, vanilla_mib, compressed_mib, static_mib = layer_figures(manifest, src["model"])
         self._bundles[key] = {
@@ -195,8 +195,9 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
         "ms_per_step_cached": out.get("ms_per_step_cached"), "cache_speedup": None,
         "graph_ops": bundle["graph_ops"], "convert_s": bundle["convert_s"], "dataset": spec.dataset,
         "seed": spec.seed, "steps": spec.warmup + spec.timed, "optimizer": spec.optimizer,
-        "learning_rate": spec.learning_rate, "accuracy_before": out.get("accuracy_before"),
-        "accuracy_after": out.get("accuracy_after"), "loss_curve": out.get("loss_curve"),
+        "learning_rate": spec.learning_rate, "subspace_iters": spec.subspace_iters,
+        "accuracy_before": out.get("accuracy_before"), "accuracy_after": out.get("accuracy_after"),
+        "loss_curve": out.get("loss_curve"),
     }
     if record["ms_per_step_cached"]:
         record["cache_speedup"] = record["ms_per_step"] / record["ms_per_step_cached"]

@@ -12,7 +12,10 @@ from typing import Literal
 Method = Literal["recipe", "none", "svd", "hosvd", "asi"]
 METHODS: tuple[Method, ...] = ("recipe", "none", "svd", "hosvd", "asi")
 PAPER_MODELS = ("mobilenetv2", "resnet18")
-DATA_MODELS = {"digits": "digits_cnn", "basicmotions": "imu_cnn"}
+DATA_MODELS = {"digits": "digits_cnn", "basicmotions": "imu_cnn", "japanesevowels": "vowels_cnn",
+               "plaid": "plaid_cnn"}
+# the quick suite's real data (its documented run time); full and accuracy add the harder sets
+QUICK_DATASETS = ("digits", "basicmotions")
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,8 @@ class RunSpec:
     """One benchmark run.
 
     Attributes:
-        model: ``mobilenetv2``, ``resnet18`` (random init, calibrated BatchNorm) or ``digits_cnn``/``imu_cnn``
-            (pre-trained on the real data set ``dataset``).
+        model: ``mobilenetv2``, ``resnet18`` (random init, calibrated BatchNorm) or a value of
+            :data:`DATA_MODELS` (pre-trained on the real data set ``dataset``).
         train_last: the converter's ``train_last`` (weighted layers counted from the end, the head included).
         method: ``recipe`` (no compression, whole batch through ``train``) or a compression method run with
             prefix streaming (``none``, ``svd``, ``hosvd``, ``asi``).
@@ -30,13 +33,14 @@ class RunSpec:
         batch_size: the static train batch.
         micro_batch: samples per ``features`` invoke in the streamed plan.
         input_size: square input side for the paper-scale models (``None``: the data set's shape).
-        dataset: ``digits``/``basicmotions`` for accuracy runs, else ``None``.
+        dataset: a key of :data:`DATA_MODELS` for accuracy runs, else ``None``.
         seed: seeds the data split, pre-training, the model and the fine-tuning batches.
         warmup: steps before timing; for accuracy runs ``warmup + timed`` is the fine-tuning length.
         timed: timed steps (the median is reported).
         cached_steps: timed ``train_features`` steps on cached prefix features (streamed plans).
         optimizer: ``sgd`` or ``adam``.
         learning_rate: the optimizer's step size.
+        subspace_iters: the converter's subspace-iteration steps per mode (``svd``/``hosvd``).
     """
 
     model: str
@@ -54,6 +58,7 @@ class RunSpec:
     cached_steps: int = 5
     optimizer: str = "sgd"
     learning_rate: float = 0.01
+    subspace_iters: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,16 +93,18 @@ def _grid(base: RunSpec, methods: list[tuple]) -> list[RunSpec]:
     return [replace(base, method=m, epsilon=e, asi_budget=b) for m, e, b in methods]
 
 
-def _data_runs(methods: list[tuple], seeds: tuple[int, ...], fast: bool) -> list[RunSpec]:
+def _data_runs(methods: list[tuple], seeds: tuple[int, ...], fast: bool,
+               datasets: tuple[str, ...] = tuple(DATA_MODELS)) -> list[RunSpec]:
+    """Every method on every data set and seed, seed by seed (a partial run has every data set)."""
     from demo.run import SETTINGS  # the demo's fine-tuning recipe per data set
 
     runs = []
-    for dataset, model in DATA_MODELS.items():
-        s = SETTINGS[dataset]
-        steps = s.fast_steps if fast else s.steps
-        for seed in seeds:
-            base = RunSpec(model=model, train_last=s.train_last, method="none", dataset=dataset, seed=seed,
-                           batch_size=s.batch_size, warmup=5, timed=steps - 5, optimizer=s.optimizer,
+    for seed in seeds:
+        for dataset in datasets:
+            s = SETTINGS[dataset]
+            steps = s.fast_steps if fast else s.steps
+            base = RunSpec(model=DATA_MODELS[dataset], train_last=s.train_last, method="none", dataset=dataset,
+                           seed=seed, batch_size=s.batch_size, warmup=5, timed=steps - 5, optimizer=s.optimizer,
                            learning_rate=s.learning_rate, cached_steps=20)
             runs += _grid(base, methods)
     return runs
@@ -105,7 +112,7 @@ def _data_runs(methods: list[tuple], seeds: tuple[int, ...], fast: bool) -> list
 
 def quick() -> list[RunSpec]:
     """The ``--quick`` suite: real-data accuracy (2 seeds) and the paper-scale models at 96²."""
-    runs = _data_runs(QUICK_METHODS, seeds=(0, 1), fast=True)
+    runs = _data_runs(QUICK_METHODS, seeds=(0, 1), fast=True, datasets=QUICK_DATASETS)
     runs += _grid(RunSpec("mobilenetv2", train_last=5, method="none", input_size=96), QUICK_METHODS)
     runs += _grid(RunSpec("resnet18", train_last=3, method="none", input_size=96), QUICK_METHODS)
     return runs
@@ -125,6 +132,17 @@ def full() -> list[RunSpec]:
     runs += _grid(RunSpec("mobilenetv2", train_last=3, method="none", input_size=224), FULL_METHODS)
     runs += _grid(RunSpec("resnet18", train_last=3, method="none", input_size=224), FULL_METHODS)
     return runs
+
+
+ACCURACY_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("hosvd", 0.9, None), ("svd", 0.8, None), ("asi", None, 0.25)]
+ACCURACY_DATASETS = ("digits", "japanesevowels", "plaid")
+
+
+def accuracy() -> list[RunSpec]:
+    """Learning quality (issue 11): digits, JapaneseVowels and PLAID, 3 seeds, each data set's fine-tuning
+    recipe (``demo.run.SETTINGS``: 150 steps), ``recipe``/``none``, hosvd ε 0.8 and 0.9, svd ε 0.8 and asi at a
+    quarter of the vanilla saved bytes; accuracy before/after and the peak RSS of every run."""
+    return _data_runs(ACCURACY_METHODS, seeds=(0, 1, 2), fast=False, datasets=ACCURACY_DATASETS)
 
 
 DEPTH_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("asi", None, 0.25)]
@@ -147,4 +165,4 @@ def tiny() -> list[RunSpec]:
     return _grid(base, QUICK_METHODS)
 
 
-SUITES = {"quick": quick, "full": full, "depth": depth, "tiny": tiny}
+SUITES = {"quick": quick, "full": full, "accuracy": accuracy, "depth": depth, "tiny": tiny}

@@ -1,10 +1,20 @@
 """Real data sets that install with packages (no download at run time), cut into "factory" and "new user".
 
-Two sources:
+Sources:
 
 - BasicMotions (sktime): a smartwatch's 3-axis accelerometer and 3-axis gyroscope, 100 steps at 10 Hz, four
   activities (badminton, running, standing, walking), 80 recordings. Returned channels-last, ``(N, 100, 6)``.
 - Digits (scikit-learn): 1,797 real 8×8 handwritten digits, ``(N, 8, 8, 1)`` scaled to ``[0, 1]``.
+- JapaneseVowels (sktime): 640 utterances of /ae/ by 9 male speakers (the classes: speaker identification),
+  12 LPC cepstrum coefficients per 6.4 ms frame, 7–29 frames. Resampled to :data:`JAPANESE_VOWELS_LENGTH`
+  frames (:func:`resample`), ``(640, 32, 12)``.
+- PLAID (sktime): 1,074 current traces of 11 appliance types, 100–1,344 samples. Resampled to
+  :data:`PLAID_LENGTH` samples and log-compressed (:func:`log_compress`: the peaks span 2e-4 to 470 A),
+  ``(1074, 256, 1)``.
+
+Unequal lengths become one fixed length by :func:`resample`: each channel is linearly interpolated onto ``L``
+equally spaced points from the first to the last sample of its recording (every recording keeps its whole
+extent; a short one is stretched, a long one decimated). The models are fixed-shape TFLite graphs.
 
 :func:`split_factory_user` cuts a data set, class-stratified and seeded, into the part the "factory" model is
 pre-trained on and the "new user" part it never sees; the latter is cut again into the recordings the device
@@ -26,11 +36,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DatasetName = Literal["basicmotions", "digits"]
-DATASETS: tuple[DatasetName, ...] = ("basicmotions", "digits")
+DatasetName = Literal["basicmotions", "digits", "japanesevowels", "plaid"]
+DATASETS: tuple[DatasetName, ...] = ("basicmotions", "digits", "japanesevowels", "plaid")
 
 BASICMOTIONS_CHANNELS = ["accX", "accY", "accZ", "gyrX", "gyrY", "gyrZ"]
 BASICMOTIONS_RATE_HZ = 10.0
+JAPANESE_VOWELS_LENGTH = 32  # frames after resampling (recordings have 7–29)
+JAPANESE_VOWELS_CHANNELS = [f"lpcc{i}" for i in range(1, 13)]
+PLAID_LENGTH = 256  # samples after resampling (recordings have 100–1,344, median 300)
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,81 @@ def load_digits() -> Dataset:
     return Dataset(x, y, [str(d) for d in range(10)], None, "NHWC")
 
 
-LOADERS = {"basicmotions": load_basic_motions, "digits": load_digits}
+def resample(series: np.ndarray, length: int) -> np.ndarray:
+    """One recording ``(T, C)`` linearly interpolated onto ``length`` points spanning its first to last sample.
+
+    Returns:
+        float32 ``(length, C)``; a single-sample recording is repeated.
+    """
+    series = np.asarray(series, dtype=np.float64)
+    t = len(series)
+    if t == 1:
+        return np.repeat(series, length, axis=0).astype(np.float32)
+    src, dst = np.arange(t, dtype=np.float64), np.linspace(0.0, t - 1, length)
+    return np.stack([np.interp(dst, src, series[:, c]) for c in range(series.shape[1])], axis=1).astype(np.float32)
+
+
+PLAID_FLOOR_A = 1e-4  # log_compress's unit: the smallest traces peak at 2e-4 A, the largest at 470 A
+
+
+def log_compress(x: np.ndarray, floor: float = PLAID_FLOOR_A) -> np.ndarray:
+    """``sign(x) · log1p(|x| / floor)``: peaks from 2e-4 to 470 A onto one scale (0.7 to 15), order and sign kept."""
+    return (np.sign(x) * np.log1p(np.abs(x) / floor)).astype(np.float32)
+
+
+def log_expand(v: np.ndarray, floor: float = PLAID_FLOOR_A) -> np.ndarray:
+    """The inverse of :func:`log_compress`: amperes, float64."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.sign(v) * np.expm1(np.abs(v)) * floor
+
+
+def _sktime_unequal(load_fn, length: int) -> tuple[np.ndarray, list[str]]:
+    """All recordings of an sktime loader with unequal lengths (its train then test split), resampled.
+
+    Returns:
+        ``(x (N, length, C) float32, label names per recording)``.
+    """
+    frames, names = load_fn(return_type="nested_univ")  # one pd.Series per cell: lengths may differ
+    x = np.stack([resample(np.stack([frames.iat[i, c].to_numpy() for c in range(frames.shape[1])], axis=1), length)
+                  for i in range(len(frames))])
+    return x, [str(n) for n in names]
+
+
+def _labelled(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Integer labels for names, classes sorted numerically when every name is a number."""
+    labels = sorted(set(names), key=lambda n: (int(n), n) if n.isdigit() else (0, n))
+    return np.array([labels.index(n) for n in names], dtype=np.int32), labels
+
+
+def load_japanese_vowels() -> Dataset:
+    """All 640 JapaneseVowels utterances (sktime's 270 train then 370 test), resampled to 32 frames.
+
+    Returns:
+        ``x`` float32 ``(640, 32, 12)`` (LPC cepstrum coefficients 1–12), labels ``"1"``…``"9"`` (speakers).
+        ``rate_hz`` is ``None``: resampling changes each utterance's frame rate (originally 156.25 Hz).
+    """
+    from sktime.datasets import load_japanese_vowels as _load
+
+    x, names = _sktime_unequal(_load, JAPANESE_VOWELS_LENGTH)
+    y, labels = _labelled(names)
+    return Dataset(x, y, labels, list(JAPANESE_VOWELS_CHANNELS), "NLC")
+
+
+def load_plaid() -> Dataset:
+    """All 1,074 PLAID current traces (sktime's train then test split), resampled to 256 samples, log-compressed.
+
+    Returns:
+        ``x`` float32 ``(1074, 256, 1)``, labels ``"0"``…``"10"`` (appliance types, sktime's class codes).
+    """
+    from sktime.datasets import load_plaid as _load
+
+    x, names = _sktime_unequal(_load, PLAID_LENGTH)
+    y, labels = _labelled(names)
+    return Dataset(log_compress(x), y, labels, ["current"], "NLC")
+
+
+LOADERS = {"basicmotions": load_basic_motions, "digits": load_digits, "japanesevowels": load_japanese_vowels,
+           "plaid": load_plaid}
 
 
 def load(name: DatasetName) -> Dataset:

@@ -8,6 +8,7 @@ worth fine-tuning.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def imu_cnn(window: int = 100, channels: int = 6, classes: int = 4, name: str = "imu_cnn") -> keras.Model:
+def imu_cnn(window: int = 100, channels: int = 6, classes: int = 4, name: str = "imu_cnn",
+            pool: int = 2) -> keras.Model:
     """A 1-D CNN for sensor windows.
 
     Args:
@@ -28,6 +30,7 @@ def imu_cnn(window: int = 100, channels: int = 6, classes: int = 4, name: str = 
         channels: sensor axes ``C``.
         classes: output classes ``K``.
         name: Keras model name (it names the bundle).
+        pool: size and stride of both max-poolings (the window shrinks by ``pool²`` before ``conv3``).
 
     Returns:
         A model ``(B, L, C) -> (B, K)`` probabilities.
@@ -39,11 +42,11 @@ def imu_cnn(window: int = 100, channels: int = 6, classes: int = 4, name: str = 
     x = layers.Conv1D(16, 5, padding="same", use_bias=False, name="conv1")(inputs)
     x = layers.BatchNormalization(name="bn1")(x)
     x = layers.ReLU(name="relu1")(x)
-    x = layers.MaxPooling1D(2, strides=2, name="pool1")(x)
+    x = layers.MaxPooling1D(pool, strides=pool, name="pool1")(x)
     x = layers.Conv1D(32, 5, padding="same", use_bias=False, name="conv2")(x)
     x = layers.BatchNormalization(name="bn2")(x)
     x = layers.ReLU(name="relu2")(x)
-    x = layers.MaxPooling1D(2, strides=2, name="pool2")(x)
+    x = layers.MaxPooling1D(pool, strides=pool, name="pool2")(x)
     x = layers.Conv1D(32, 3, padding="same", name="conv3")(x)
     x = layers.ReLU(name="relu3")(x)
     x = layers.GlobalAveragePooling1D(name="gap")(x)
@@ -113,7 +116,15 @@ def digits_wide(classes: int = 10, name: str = "digits_wide") -> keras.Model:
     return keras.Model(inputs, outputs, name=name)
 
 
-MODELS = {"basicmotions": imu_cnn, "digits": digits_cnn, "digits-wide": digits_wide}
+MODELS = {
+    "basicmotions": imu_cnn,
+    "digits": digits_cnn,
+    "digits-wide": digits_wide,
+    # 32 frames × 12 cepstra: conv3 sees 8 frames
+    "japanesevowels": functools.partial(imu_cnn, window=32, channels=12, name="vowels_cnn"),
+    # 256 samples × 1 current: pooling by 4 twice, conv3 sees 16 samples
+    "plaid": functools.partial(imu_cnn, window=256, channels=1, pool=4, name="plaid_cnn"),
+}
 
 
 def build(dataset: str, classes: int, seed: int = 0) -> keras.Model:

@@ -53,6 +53,7 @@ class Settings:
     data: datasets.DatasetName | None = None  # the data set, when the demo's name is not one
     fit_ceiling: bool = False  # choose the depth with ``hosvd-convert fit`` (the ceiling binds), not train_last
     device_base_mb: float = 48.0  # fit: what the device holds besides the training step (its refusal names it)
+    bench_only: bool = False  # a benchmark data set without a sampling rate for the device's CSV replay
 
 
 SETTINGS: dict[str, Settings] = {
@@ -97,8 +98,34 @@ SETTINGS: dict[str, Settings] = {
         # bundle-loaded RSS above the converter's): see docs/demo.md
         device_base_mb=84.0,
     ),
+    "japanesevowels": Settings(
+        factory_fraction=0.5,
+        device_train_fraction=0.25,
+        pretrain_epochs=30,
+        train_last=2,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=3e-3,
+        steps=150,
+        fast_steps=40,
+        ram_ceiling_mb=192,
+        bench_only=True,
+    ),
+    "plaid": Settings(
+        factory_fraction=0.5,
+        device_train_fraction=0.25,
+        pretrain_epochs=30,
+        train_last=2,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=3e-3,
+        steps=150,
+        fast_steps=40,
+        ram_ceiling_mb=192,
+        bench_only=True,
+    ),
 }
-DEMOS = tuple(SETTINGS)
+DEMOS = tuple(name for name, s in SETTINGS.items() if not s.bench_only)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@
   watch face), which mixes the x and y readings the factory model learnt to tell activities apart by.
 - Images (digits): the new user writes off-centre and with a heavier pen: every image is shifted by one pixel
   right and down and its ink is darkened (gamma), the drift a different pen and writing habit produce.
+- Speech (JapaneseVowels, LPC cepstra): the new device's microphone path has another frequency response. A
+  linear filter multiplies the spectrum, so it adds its own cepstrum to every frame; a first-order
+  pre-emphasis ``1 − a z⁻¹`` adds ``c_n = −aⁿ / n`` to coefficient ``n`` (:func:`microphone_tilt`).
+- Appliance current (PLAID, log-compressed): the new house's current clamp reads ``gain`` times the current
+  (a clamp rated 10× higher reads a tenth), applied in amperes and compressed again (:func:`clamp_gain`).
 
 Both are deterministic functions of the data, so the factory split stays untouched and the demo is repeatable.
 """
@@ -59,4 +64,27 @@ def shift_and_darken(x: np.ndarray, pixels: int = 1, gamma: float = 0.5) -> np.n
     return np.power(out, gamma, dtype=np.float32)
 
 
-SHIFTS = {"basicmotions": rotate_triads, "digits": shift_and_darken}
+def microphone_tilt(x: np.ndarray, a: float = 0.9) -> np.ndarray:
+    """Add the cepstrum of a pre-emphasis filter ``1 − a z⁻¹`` to LPC cepstra ``(N, L, C)``: ``c_n −= aⁿ / n``.
+
+    Returns:
+        float32 ``(N, L, C)``.
+    """
+    n = np.arange(1, x.shape[-1] + 1, dtype=np.float64)
+    return (x - a**n / n).astype(np.float32)
+
+
+def clamp_gain(x: np.ndarray, gain: float = 0.1) -> np.ndarray:
+    """Scale log-compressed currents (:func:`demo.datasets.log_compress`) by ``gain`` in amperes and compress
+    them again.
+
+    Returns:
+        float32, the shape of ``x``.
+    """
+    from demo.datasets import log_compress, log_expand
+
+    return log_compress(gain * log_expand(x))
+
+
+SHIFTS = {"basicmotions": rotate_triads, "digits": shift_and_darken, "japanesevowels": microphone_tilt,
+          "plaid": clamp_gain}

@@ -103,3 +103,80 @@ def test_scenario_shifts_only_the_new_user() -> None:
     z = sc.normalise(sc.factory.x)
     np.testing.assert_allclose(z.mean(axis=(0, 1)), 0.0, atol=1e-4)
     np.testing.assert_allclose(z.std(axis=(0, 1)), 1.0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def vowels() -> datasets.Dataset:
+    return datasets.load("japanesevowels")
+
+
+@pytest.fixture(scope="module")
+def plaid() -> datasets.Dataset:
+    return datasets.load("plaid")
+
+
+def test_resample_keeps_the_ends_and_interpolates_linearly() -> None:
+    series = np.array([[0.0, 10.0], [1.0, 20.0], [3.0, 40.0]])
+    out = datasets.resample(series, 5)
+    assert out.shape == (5, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], [0.0, 0.5, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose(out[:, 1], [10.0, 15.0, 20.0, 30.0, 40.0])
+    np.testing.assert_allclose(datasets.resample(series[:1], 3), [[0.0, 10.0]] * 3)
+
+
+def test_japanese_vowels_shape_classes_and_speakers(vowels: datasets.Dataset) -> None:
+    assert vowels.x.shape == (640, 32, 12), vowels.x.shape
+    assert vowels.x.dtype == np.float32 and np.isfinite(vowels.x).all()
+    assert vowels.labels == [str(s) for s in range(1, 10)]
+    assert vowels.channels == datasets.JAPANESE_VOWELS_CHANNELS and vowels.layout == "NLC"
+    # sktime's 270 train (30 per speaker) + 370 test utterances
+    assert np.bincount(vowels.y).tolist() == [61, 65, 118, 74, 59, 54, 70, 80, 59]
+    # LPC cepstra: the first coefficient is the largest on average (0.80), the 12th near zero (0.09)
+    means = vowels.x.mean(axis=(0, 1))
+    assert means[0] == pytest.approx(0.80, abs=0.05) and abs(means[-1]) < 0.15
+    assert len({x.tobytes() for x in vowels.x}) == 640
+
+
+def test_plaid_shape_classes_and_compression(plaid: datasets.Dataset) -> None:
+    assert plaid.x.shape == (1074, 256, 1), plaid.x.shape
+    assert plaid.x.dtype == np.float32 and np.isfinite(plaid.x).all()
+    assert plaid.labels == [str(c) for c in range(11)]
+    assert np.bincount(plaid.y).tolist() == [66, 175, 115, 38, 156, 35, 114, 172, 139, 38, 26]
+    peaks = datasets.log_expand(np.abs(plaid.x).max(axis=(1, 2)))  # back in amperes: 2e-4 .. 470 A
+    assert 1e-4 < peaks.min() < 1e-3 and 100 < peaks.max() < 1000
+    np.testing.assert_allclose(datasets.log_expand(datasets.log_compress(np.array([-3.0, 0.0, 2e-4, 470.0]))),
+                               [-3.0, 0.0, 2e-4, 470.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, sizes", [("japanesevowels", (320, 159, 161)), ("plaid", (539, 266, 269))])
+def test_new_sets_split_stratified_and_the_new_user_is_shifted(request, name: str, sizes: tuple[int, ...]) -> None:
+    from demo import scenario
+
+    whole = request.getfixturevalue({"japanesevowels": "vowels", "plaid": "plaid"}[name])
+
+    sc = scenario.prepare(name, factory=0.5, device_train=0.25, seed=1)
+    parts = (sc.factory, sc.user_train, sc.user_holdout)
+    assert tuple(len(p) for p in parts) == sizes
+    counts = np.bincount(np.concatenate([p.y for p in parts]))
+    for part in parts:  # every class in every part, in proportion (± 1 recording of rounding)
+        share = np.bincount(part.y, minlength=len(counts)) / counts
+        assert (share > 0).all() and np.allclose(share, len(part) / counts.sum(), atol=0.5 / counts.min() + 0.02)
+    split = datasets.split_factory_user(whole, factory=0.5, device_train=0.25, seed=1)  # what prepare cut
+    np.testing.assert_array_equal(split.holdout.x, sc.user_holdout_unshifted.x)
+    rows = {x.tobytes() for part in (split.factory, split.device_train, split.holdout) for x in part.x}
+    # PLAID holds 4 recordings twice (1,070 distinct): the parts together are the whole set, each once
+    assert rows == {x.tobytes() for x in whole.x} and sum(sizes) == len(whole), "parts must not share a recording"
+    np.testing.assert_allclose(sc.user_holdout.x, shift.SHIFTS[name](sc.user_holdout_unshifted.x), atol=1e-5)
+    assert not np.allclose(sc.user_holdout.x, sc.user_holdout_unshifted.x, atol=0.1)
+
+
+def test_microphone_tilt_adds_the_filter_cepstrum() -> None:
+    out = shift.microphone_tilt(np.zeros((1, 2, 12), np.float32), a=0.5)
+    np.testing.assert_allclose(out[0, 0, :3], [-0.5, -0.125, -0.125 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 0], out[0, 1])
+
+
+def test_clamp_gain_scales_amperes() -> None:
+    amps = np.array([[-2.0, 5e-3, 300.0]])
+    out = shift.clamp_gain(datasets.log_compress(amps), gain=0.1)
+    np.testing.assert_allclose(datasets.log_expand(out), 0.1 * amps, rtol=1e-5)
