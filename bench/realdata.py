@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def load(dataset: str, seed: int, cache_dir: Path) -> RealData:
     else:
         models.pretrain(model, data.normalise(data.factory.x), data.factory.y, settings.pretrain_epochs, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(path)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.keras")  # two processes pre-training one seed: never a torn file
+        model.save(tmp)
+        tmp.replace(path)
         log.info("pre-trained %s (seed %d) saved to %s", dataset, seed, path)
     rng = np.random.default_rng(seed)
     calibration = data.normalise(data.factory.x[rng.permutation(len(data.factory))[:CALIBRATION_SAMPLES]])
