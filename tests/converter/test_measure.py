@@ -50,7 +50,7 @@ def test_converter_peak_equals_the_training_loop_peak(tmp_path: Path, method: st
     plan = Plan(BATCH, "streamed", entry.micro_batch, need_bytes=0, ceiling_bytes=0, step_bytes=0,
                 child_base_bytes=0, daemon_bytes=0)
     job = Job("train", str(tmp_path / "bundle"), str(tmp_path / "s.sqlite"), str(tmp_path / "ck"), threads=2,
-              plan=plan, steps=2, feature_cache=False, checkpoint_every=100)
+              plan=plan, steps=2, feature_cache=True, checkpoint_every=100)  # streamed plans run with the cache
     result = run_job(job)
     assert result["status"] == "ok" and result["steps_done"] == 2
     device_peak = result["peak_rss_mb"] * MIB
