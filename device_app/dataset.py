@@ -127,7 +127,18 @@ class BatchReader:
         self.vanished += len(ids) - len(keep)
         if len(keep) == 0:
             return np.zeros((0,)), y[:0], keep
-        return np.stack([found[int(ids[i])] for i in keep]), y[keep], keep
+        # Row by row into one batch array, each stored row released after its last use: the batch is held once,
+        # not twice (np.stack over the fetched rows), which is what the converter's measurement assumes.
+        last_use = {int(ids[i]): j for j, i in enumerate(keep)}
+        first = found[int(ids[keep[0]])]
+        x = np.empty((len(keep), *first.shape), first.dtype)
+        del first
+        for j, i in enumerate(keep):
+            sid = int(ids[i])
+            x[j] = found[sid]
+            if last_use[sid] == j:
+                del found[sid]
+        return x, y[keep], keep
 
     def evaluate(self, index: SplitIndex, batch: int) -> dict[str, float] | None:
         """Mean loss and accuracy over a split, ``batch`` windows at a time; ``None`` for an empty split."""
