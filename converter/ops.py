@@ -139,24 +139,20 @@ def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads
                                strides: tuple[int, int], dilation: tuple[int, int], correlate) -> tf.Tensor:
     """Input gradient of a strided, dilated, padded convolution as a 'full' correlation.
 
-    ``dy`` is spread by the stride, padded by the kernel extent minus one, and correlated (``correlate``:
-    (B, H, W, C) -> (B, H, W, C') with the spatially flipped kernel, VALID, same dilation); the result covers the
-    padded input, from which the real input region is cropped.
+    ``dy`` is spread by the stride and correlated (``correlate``: (B, H, W, C) -> (B, H, W, C') with the spatially
+    flipped kernel, VALID, same dilation). The full correlation (``dy`` padded by the kernel extent minus one on
+    both sides) covers the padded input; only the rows and columns of the real input are computed: the spread
+    ``dy`` is cut and zero-padded (:func:`tap_window`) to exactly what they read, so no padded-input-sized result
+    is made and cropped (MobileNetV2's 7×7 depthwise: 49 instead of 81 positions). Input rows the forward never
+    reached read only zeros and get zero gradient.
     """
     kh, kw = kernel_hw
     ext_h, ext_w = (kh - 1) * dilation[0], (kw - 1) * dilation[1]
     spread = zero_insert(dy, strides)
-    full = tf.pad(spread, [[0, 0], [ext_h, ext_h], [ext_w, ext_w], [0, 0]])
-    dxp = correlate(full)
-    # dxp covers padded rows [0, (H'-1)*s + extent); rows the forward never reached get zero gradient.
-    hp = in_hw[0] + pads[0][0] + pads[0][1]
-    wp = in_hw[1] + pads[1][0] + pads[1][1]
-    tail_h, tail_w = hp - dxp.shape[1], wp - dxp.shape[2]
-    if tail_h or tail_w:
-        dxp = tf.pad(dxp, [[0, 0], [0, tail_h], [0, tail_w], [0, 0]])
-    if tuple(dxp.shape[1:3]) == tuple(in_hw):
-        return dxp  # nothing to crop: a full-range slice would still be a copy
-    return dxp[:, pads[0][0]: pads[0][0] + in_hw[0], pads[1][0]: pads[1][0] + in_hw[1], :]
+    (pt, _), (pl, _) = pads
+    reach = tap_window(spread, ((ext_h - pt, 0), (ext_w - pl, 0)), (0, 0), (in_hw[0] + ext_h, in_hw[1] + ext_w),
+                       (1, 1), (1, 1))
+    return correlate(reach)
 
 
 def flatten_rows(x: tf.Tensor) -> tf.Tensor:
