@@ -3,8 +3,11 @@
 Saves its input (through the compression method) for the weight gradient. The weight gradient is KH·KW
 shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is a
 full correlation of the stride-spread ``dy`` with the flipped kernel. A trained kernel is a variable, which XNNPACK
-does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable layer run
-as im2col + BATCH_MATMUL (:func:`converter.ops.im2col_matmul`); frozen layers keep CONV_2D.
+does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable 1×1 layer
+run as BATCH_MATMULs (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape). A trainable k×k layer
+keeps CONV_2D / TRANSPOSE_CONV on the built-in kernels: its im2col would hold KH·KW copies of the input (a 3×3
+conv at 96×96×32, batch 16: 170 MiB; ``tests/converter/test_measure.py``'s model peaked at 553 MiB with it
+against 363 without), and the step's peak must not rise for speed. Frozen layers keep CONV_2D.
 
 The forward's im2col pads each tap's window by itself and never makes the padded input: the TFLite converter
 folds ``engine.after_dy``'s tie, so a whole padded input in the forward would be the very tensor the weight
@@ -56,9 +59,14 @@ def parse(layer, node: Node) -> None:
         node.weights["bias"] = layer.bias.numpy()
 
 
+def lowered(cfg: dict) -> bool:
+    """A trained convolution whose kernel is one tap: BATCH_MATMULs on XNNPACK, at no memory cost."""
+    return math.prod(cfg["kernel_hw"]) == 1
+
+
 def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict, trainable: bool) -> tf.Tensor:
-    """The forward convolution: CONV_2D for a constant (frozen) kernel, im2col + matmul for a trained one."""
-    if trainable:
+    """The forward convolution: a matmul for a trained 1×1 kernel, CONV_2D otherwise (see the module docstring)."""
+    if trainable and lowered(cfg):
         kh, kw, c_in, c_out = kernel.shape
         return ops.im2col_matmul(x, tf.reshape(kernel, [kh * kw * c_in, c_out]), (kh, kw), cfg["strides"],
                                  cfg["dilation"], cfg["pads"])
@@ -117,17 +125,28 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
 
 
 def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
-    """dL/dx (B, H, W, C_in): the spread ``dy`` correlated with the flipped kernel (im2col + matmul).
+    """dL/dx (B, H, W, C_in): for a 1×1 kernel the spread ``dy`` times the kernel (a matmul).
 
     The flipped kernel goes in as (C_in, KH·KW·C_out) with a transposed matmul: a (KH·KW·C_out, C_in) transpose
     feeding a plain matmul is folded by the TFLite converter into a FULLY_CONNECTED, which XNNPACK refuses for a
     variable weight. The kernel is tied to ``dy``: its matmul form depends on the variable only, and the converter
-    made it in the forward half and kept it across.
+    made it in the forward half and kept it across. A k×k kernel: TRANSPOSE_CONV, or for a dilated one a
+    CONV_2D correlation (no im2col copies of ``dy`` in the arena: see the module docstring).
     """
     kh, kw = cfg["kernel_hw"]
+    if not lowered(cfg):
+        (pt, pb), (pl, pr) = cfg["pads"]
+        h, w = cfg["in_hw"]
+        if cfg["dilation"] == (1, 1):
+            shape = [dy.shape[0], h + pt + pb, w + pl + pr, kernel.shape[2]]
+            dxp = tf.nn.conv2d_transpose(dy, kernel, shape, strides=cfg["strides"], padding="VALID")
+            return dxp[:, pt: pt + h, pl: pl + w, :]
+        flipped_hwio = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+        return ops.input_grad_via_correlation(
+            dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
+            lambda t: tf.nn.conv2d(t, flipped_hwio, strides=1, padding="VALID", dilations=cfg["dilation"]))
     kernel = depend(kernel, dy)
-    flipped = tf.reverse(kernel, [0, 1]) if kh * kw > 1 else kernel
-    rows = tf.reshape(tf.transpose(flipped, [2, 0, 1, 3]), [kernel.shape[2], -1])
+    rows = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [kernel.shape[2], -1])  # one tap: nothing to flip
     return ops.input_grad_via_correlation(
         dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
         lambda t: ops.im2col_matmul(t, rows, (kh, kw), (1, 1), cfg["dilation"], transpose_weights=True))

@@ -74,13 +74,19 @@ def test_no_trainable_layer_op_falls_back_to_builtin_kernels(bundle):
         found = xnnpack.placements(content, signature)
         matmuls = [p for p in found if p.op == "BATCH_MATMUL"]
         assert matmuls and all(p.delegated for p in matmuls), (method, signature)
-        assert not xnnpack.builtin_ops(found, refused), (signature, xnnpack.builtin_ops(found, refused))
+        # the trained 3×3 conv keeps its CONV_2D (converter/layers/conv2d.py: an im2col would hold 9 copies of
+        # its input); it is the first layer, so it has no input gradient
+        builtin = xnnpack.builtin_ops(found, refused)
+        assert all(p.op == "CONV_2D" and p.out_shape[1:] == (10, 10, 8) for p in builtin), (signature, builtin)
+        assert len(builtin) == (1 if signature == "train_features" else 0), (signature, builtin)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.keras_type != "DepthwiseConv2D"], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.keras_type == "Dense" or c.kwargs.get("kernel_size") == 1],
+                         ids=lambda c: c.name)
 def test_benchmark_layers_run_on_xnnpack(case):
-    """The layers ``bench.layers`` times (MobileNetV2's trained 1×1 convs and head, a 3×3 Conv2D, a Conv1D), at a
-    small batch: every compute op of the training step is delegated."""
+    """The layers ``bench.layers`` times that are lowered (MobileNetV2's trained 1×1 convs and head), at a small
+    batch: every compute op of the training step is delegated. (k×k Conv2D/Conv1D keep CONV_2D and
+    TRANSPOSE_CONV: converter/layers/conv2d.py.)"""
     content = layer_model(replace(case, batch=2))
     for signature in ("forward", "step"):
         found = xnnpack.placements(content, signature)
