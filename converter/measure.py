@@ -102,3 +102,120 @@ def saved_for_backward(flatbuffer: bytes, signature: str) -> list[SavedTensor]:
         saved.append(SavedTensor(tensor.name.decode(), shape, tensor_types.get(tensor.type, "?"),
                                  _DTYPE_BYTES.get(tensor.type, 4) * math.prod(shape)))
     return saved
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    """A tensor of the arena with its lifetime: produced by op ``first`` (-1: a subgraph input), last read by op
+    ``last`` (the op count: a subgraph output, alive to the end)."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    first: int
+    last: int
+    producer: str
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LiveProfile:
+    """Live bytes of one subgraph's arena tensors after each op, in the interpreter's op order.
+
+    ``live[i]`` counts every tensor produced at or before op ``i`` and read at or after it (op ``i``'s inputs and
+    outputs are both alive while it runs, as in TFLite's arena planner). Node temporaries (im2col and other
+    scratch an op allocates at prepare time) are not in the flatbuffer and not counted; nor are called subgraphs
+    (``WHILE`` bodies), whose arenas are separate: see ``called``.
+    """
+
+    subgraph: int
+    ops: tuple[str, ...]
+    live: tuple[int, ...]
+    tensors: tuple[LiveTensor, ...]
+    called: tuple[int, ...]
+
+    @property
+    def peak_op(self) -> int:
+        return max(range(len(self.live)), key=self.live.__getitem__)
+
+    def alive_at(self, op: int) -> list[LiveTensor]:
+        """The tensors alive while op ``op`` runs, largest first."""
+        return sorted((t for t in self.tensors if t.first <= op <= t.last), key=lambda t: -t.nbytes)
+
+
+def _op_names(model) -> list[str]:
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return [names.get(c, str(c)) for c in codes]
+
+
+def _signature_subgraph(model, signature: str) -> int:
+    sig = next((s for s in model.signatureDefs if s.signatureKey.decode() == signature), None)
+    if sig is None:
+        raise KeyError(f"no signature {signature!r}")
+    return sig.subgraphIndex
+
+
+def live_profile(flatbuffer: bytes, signature: str | None = None, subgraph: int | None = None) -> LiveProfile:
+    """The lifetimes and live bytes of the arena tensors of ``signature``'s subgraph (or subgraph ``subgraph``),
+    read off the converted model: which tensors hold the arena's high-water mark, and which op is running then.
+
+    Constants (tensors with a buffer) and variables (VAR_HANDLE outputs, resources) are not arena tensors and
+    are left out. The sum of live bytes is a lower bound of the arena: TFLite's planner places tensors at offsets
+    (greedy by size), which can leave gaps; compare with the interpreter's arena (``bench/arena.py``).
+
+    Raises:
+        KeyError: no signature ``signature``.
+    """
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    index = _signature_subgraph(model, signature) if subgraph is None else subgraph
+    graph = model.subgraphs[index]
+    op_names = _op_names(model)
+    ops = list(graph.operators or [])
+    end = len(ops)
+    first: dict[int, int] = {i: -1 for i in (graph.inputs if graph.inputs is not None else [])}
+    last: dict[int, int] = {}
+    producer: dict[int, str] = {}
+    consumers: dict[int, list[str]] = {}
+    called: list[int] = []
+    skip: set[int] = set()
+    names: list[str] = []
+    for n, op in enumerate(ops):
+        name = op_names[op.opcodeIndex]
+        names.append(name)
+        opts = op.builtinOptions
+        for attr in ("condSubgraphIndex", "bodySubgraphIndex", "subgraphIndex", "thenSubgraphIndex",
+                     "elseSubgraphIndex", "initSubgraphIndex"):
+            if opts is not None and hasattr(opts, attr):
+                called.append(getattr(opts, attr))
+        for i in (op.inputs if op.inputs is not None else []):
+            if i >= 0:
+                last[i] = n
+                consumers.setdefault(i, []).append(f"{n}:{name}")
+        for o in (op.outputs if op.outputs is not None else []):
+            first.setdefault(o, n)
+            producer[o] = f"{n}:{name}"
+            if name in _NOT_SAVED:
+                skip.add(o)
+    for o in (graph.outputs if graph.outputs is not None else []):
+        last[o] = end
+    tensors = []
+    for i, start in first.items():
+        tensor = graph.tensors[i]
+        buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+        if i in skip or tensor.isVariable or tensor.type == schema.TensorType.RESOURCE or (
+                buffer is not None and buffer.data is not None and len(buffer.data)) or (buffer and buffer.size):
+            continue
+        shape = tuple(int(d) for d in (tensor.shape if tensor.shape is not None else []))
+        tensors.append(LiveTensor(i, tensor.name.decode(), shape, _DTYPE_BYTES.get(tensor.type, 4) * math.prod(shape),
+                                  start, last.get(i, start), producer.get(i, "input"), tuple(consumers.get(i, ()))))
+    delta = [0] * (end + 2)
+    for t in tensors:
+        delta[max(t.first, 0)] += t.nbytes
+        delta[min(t.last, end - 1) + 1] -= t.nbytes
+    live, running = [], 0
+    for n in range(end):
+        running += delta[n]
+        live.append(running)
+    return LiveProfile(index, tuple(names), tuple(live), tuple(tensors), tuple(dict.fromkeys(called)))

@@ -91,14 +91,21 @@ def pack_mask(mask: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.reduce_sum(bits, axis=1), tf.uint8)
 
 
+_BITS_OF = np.array([[(code >> k) & 1 for k in range(8)] for code in range(256)], bool)  # byte -> its 8 bits
+
+
 def unpack_mask(packed: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    """The bool tensor of ``dy``'s shape that :func:`pack_mask` packed (FLOOR_DIV, FLOOR_MOD, EQUAL), computed
-    only once ``dy`` exists (:func:`depend`), so the full-size mask lives only inside its backward step."""
+    """The bool tensor of ``dy``'s shape that :func:`pack_mask` packed: each byte looked up (GATHER) in a
+    256 × 8 bool table, computed only once ``dy`` exists (:func:`depend`), so the full-size mask lives only
+    inside its backward step.
+
+    The lookup's only full-size tensor is the bool result. Unpacked arithmetically (FLOOR_DIV, FLOOR_MOD by the
+    bit weights) it went through two int32 (N/8, 8) tensors, each as large as the float activation: measured
+    on MobileNetV2 224² (last 20, batch 32) they were 27.6 of the 70.6 MiB alive at the train step's peak op."""
     shape = dy.shape
     count = math.prod(shape)
-    codes = tf.expand_dims(tf.cast(depend(packed, dy), tf.int32), 1)
-    bits = tf.math.floormod(tf.math.floordiv(codes, tf.constant(_BIT_WEIGHTS, tf.int32)), 2)
-    flat = tf.reshape(tf.equal(bits, 1), [-1])
+    codes = tf.cast(depend(packed, dy), tf.int32)
+    flat = tf.reshape(tf.gather(tf.constant(_BITS_OF), codes), [-1])
     if flat.shape[0] != count:
         flat = flat[:count]
     return tf.reshape(flat, list(shape))

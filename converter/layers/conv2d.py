@@ -156,7 +156,10 @@ def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: 
     grads = {"kernel": weight_grad(saved, dy, node.config)}
     if "bias" in params:
         grads["bias"] = tf.reduce_sum(dy, axis=[0, 1, 2])
-    dx = input_grad(dy, params["kernel"], node.config) if need_dx else None
+    # The input gradient after the weight gradient (a dependency on it through the small kernel): in the other
+    # order the converter left dy alive from the input gradient across the next layers' backward to this
+    # layer's weight gradient (measured: two 13.8 MiB dy at the peak of MobileNetV2 224², last 20).
+    dx = input_grad(dy, depend(params["kernel"], grads["kernel"]), node.config) if need_dx else None
     return [dx], grads
 
 

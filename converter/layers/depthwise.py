@@ -13,7 +13,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import CHANNELS, Factored
 from converter.layers import conv2d
-from converter.layers.base import ForwardContext, Node
+from converter.layers.base import ForwardContext, Node, depend
 
 WEIGHTED = True
 
@@ -73,7 +73,8 @@ def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: 
     grads = {"depthwise_kernel": weight_grad(saved, dy, node.config, kernel.shape)}
     if "bias" in params:
         grads["bias"] = tf.reduce_sum(dy, axis=[0, 1, 2])
-    dx = input_grad(dy, kernel, node.config) if need_dx else None
+    # after the weight gradient, as in conv2d.backward (else dy stays alive in between)
+    dx = input_grad(dy, depend(kernel, grads["depthwise_kernel"]), node.config) if need_dx else None
     return [dx], grads
 
 
