@@ -68,14 +68,11 @@ def saved_for_backward(flatbuffer: bytes, signature: str) -> list[SavedTensor]:
         KeyError: no signature ``signature``.
     """
     model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    sig = next((s for s in model.signatureDefs if s.signatureKey.decode() == signature), None)
-    if sig is None:
-        raise KeyError(f"no signature {signature!r}")
+    sig = _signature(model, signature)
     graph = model.subgraphs[sig.subgraphIndex]
     labels = {t.tensorIndex for t in sig.inputs if t.name.decode() == Sig.Y}
     data = {t.tensorIndex for t in sig.inputs} - labels
-    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    op_names = _op_names(model)
     produced_before: set[int] = set(data)
     read_after: set[int] = set()
     boundary = None
@@ -90,7 +87,7 @@ def saved_for_backward(flatbuffer: bytes, signature: str) -> list[SavedTensor]:
         if boundary is None and from_labels and from_data:
             boundary = op
         if boundary is None:
-            if names.get(codes[op.opcodeIndex]) not in _NOT_SAVED:
+            if op_names[op.opcodeIndex] not in _NOT_SAVED:
                 produced_before.update(outputs)
         else:
             read_after.update(inputs)
@@ -150,11 +147,11 @@ def _op_names(model) -> list[str]:
     return [names.get(c, str(c)) for c in codes]
 
 
-def _signature_subgraph(model, signature: str) -> int:
+def _signature(model, signature: str):
     sig = next((s for s in model.signatureDefs if s.signatureKey.decode() == signature), None)
     if sig is None:
         raise KeyError(f"no signature {signature!r}")
-    return sig.subgraphIndex
+    return sig
 
 
 def live_profile(flatbuffer: bytes, signature: str | None = None, subgraph: int | None = None) -> LiveProfile:
@@ -169,7 +166,7 @@ def live_profile(flatbuffer: bytes, signature: str | None = None, subgraph: int 
         KeyError: no signature ``signature``.
     """
     model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    index = _signature_subgraph(model, signature) if subgraph is None else subgraph
+    index = _signature(model, signature).subgraphIndex if subgraph is None else subgraph
     graph = model.subgraphs[index]
     op_names = _op_names(model)
     ops = list(graph.operators or [])

@@ -10,7 +10,7 @@ adds for them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -82,17 +82,23 @@ class BatchReader:
         self.cached += len(found)
         windows = self.store.windows_by_id(sorted({int(i) for i in ids} - set(found)))
         if windows:
-            missing = sorted(windows)
-            computed = self.bundle.features(np.stack([windows[i] for i in missing]), self.micro_batch)
-            found.update(zip(missing, computed, strict=True))
-            self.computed += len(missing)
-            if self.cache:
-                try:
-                    self.store.put_features(np.array(missing), computed, sha)
-                except DiskFull as err:
-                    log.warning("%s; going on without the feature cache", err)
-                    self.cache = False
+            found.update(self._compute(windows, lambda x: self.bundle.features(x, self.micro_batch), sha))
         return found
+
+    def _compute(self, windows: dict[int, np.ndarray], features: Callable[[np.ndarray], np.ndarray],
+                 sha: str) -> dict[int, np.ndarray]:
+        """The prefix features of ``windows`` (by id), counted and put in the cache when it is on; a full disk
+        turns the cache off, with a warning, and loses nothing (the features are returned all the same)."""
+        missing = sorted(windows)
+        computed = features(np.stack([windows[i] for i in missing]))
+        self.computed += len(missing)
+        if self.cache:
+            try:
+                self.store.put_features(np.array(missing), computed, sha)
+            except DiskFull as err:
+                log.warning("%s; going on without the feature cache", err)
+                self.cache = False
+        return dict(zip(missing, computed, strict=True))
 
     def prefetch(self, ids: np.ndarray, chunk: int) -> None:
         """Compute and cache the prefix features of every window of ``ids`` not cached yet, ``chunk`` windows at a
@@ -108,16 +114,9 @@ class BatchReader:
                 part = ids[start:start + chunk]
                 have = self.store.cached_features(part, sha)
                 windows = self.store.windows_by_id(sorted({int(i) for i in part} - set(have)))
-                if not windows:
-                    continue
-                missing = sorted(windows)
-                computed = features(np.stack([windows[i] for i in missing]))
-                self.computed += len(missing)
-                try:
-                    self.store.put_features(np.array(missing), computed, sha)
-                except DiskFull as err:
-                    log.warning("%s; going on without the feature cache", err)
-                    self.cache = False
+                if windows:
+                    self._compute(windows, features, sha)
+                if not self.cache:  # the disk is full
                     return
 
     def _present(self, ids: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
