@@ -23,8 +23,9 @@ from converter.compression.none import Vanilla
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
 from converter.layers import module_for
-from converter.layers.base import INFERENCE, ForwardContext, Node, depend
+from converter.layers.base import INFERENCE, ForwardContext, Node
 from converter.losses import LOSSES, Loss
+from converter.ops import depend
 from converter.optimizers import OptimizerConfig, apply
 from hosvd_contract import Sig, WeightSpec
 
@@ -206,7 +207,7 @@ class TrainingModule(tf.Module):
                 continue
             dy = grads.pop(node.output)
             wants = [t in needs_grad for t in node.inputs]
-            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), after_dy(saved[node.name], dy), dy,
+            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), after_dy(node, saved[node.name], dy), dy,
                                                          any(wants))
             for tensor_id, dx, want in zip(node.inputs, dxs, wants, strict=True):
                 if want and dx is not None:
@@ -251,29 +252,31 @@ def run_nodes(nodes: list[Node], tensors: dict[int, tf.Tensor], params_for, ctx_
 
 
 def tie_to_saved(y: tf.Tensor, saved) -> tf.Tensor:
-    """``y`` made to depend (:func:`~converter.layers.base.depend`) on what its node saved, so the interpreter
-    computes the saved form (Tucker core, packed mask) before anything downstream of ``y`` and the full-size
-    input can die in the forward pass.
+    """``y`` made to depend (:func:`~converter.ops.depend`) on the tensor its node saved (a packed mask), so the
+    interpreter computes it before anything downstream of ``y`` and the full-size input can die in the forward
+    pass.
 
-    Without it the TFLite converter scheduled the compression where its result is first read, in the backward
-    pass (measured: a layer's hosvd ran after the head's update; its input and a transposed copy were alive
-    across the loss). The core depends on every factor, so it is enough.
+    Without it the TFLite converter scheduled the saved form where it is first read, in the backward pass
+    (measured: a layer's hosvd ran after the head's update; its input and a transposed copy were alive across
+    the loss). A compressed input (:class:`Factored`) needs no tie here: the layer's op already waits for its
+    core (:func:`~converter.layers.base.after_saved`).
     """
-    if isinstance(saved, Factored):
-        return depend(y, saved.core) if any(u is not None for u in saved.factors) else y
     return depend(y, saved) if isinstance(saved, tf.Tensor) and saved is not y else y
 
 
-def after_dy(saved, dy: tf.Tensor):
+def after_dy(node: Node, saved, dy: tf.Tensor):
     """The saved form of a node made to depend on its output gradient, so what its backward computes from it
     (the expanded core, the padded input, masked factors) runs in that backward step, not in the forward pass.
 
     Without it the converter merged the weight gradient's zero-padding of a whole saved input with the forward
     convolution's own padding and kept the padded copy (65 % larger at 7×7 with a 3×3 kernel) instead of the
-    input."""
-    if isinstance(saved, Factored):
-        return Factored(depend(saved.core, dy), tuple(None if u is None else depend(u, dy) for u in saved.factors))
-    return saved
+    input. A whole input that is not padded is left alone: the tie (``x + 0``) would be a full-size copy of it."""
+    if not isinstance(saved, Factored):
+        return saved
+    whole = all(u is None for u in saved.factors)
+    if whole and not any(p for pads in node.config.get("pads", ()) for p in pads):
+        return saved
+    return Factored(depend(saved.core, dy), tuple(None if u is None else depend(u, dy) for u in saved.factors))
 
 
 def _keras_forward(node: Node, x: tf.Tensor) -> tf.Tensor:

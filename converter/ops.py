@@ -16,9 +16,74 @@ conversion failed with "'tfl.batch_matmul' op found invalid output rank, expecte
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
 import tensorflow as tf
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
+    """``t + min(|s|, 0)`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
+
+    TFLite has no control edges, and the converter's op order does not follow the train step's forward/backward
+    structure: it moved compressions after the loss (keeping full-size activations alive through the forward
+    pass) and hoisted backward-only work (unpacked masks, expanded cores, kernels in matmul form) before it. A
+    data dependency is the one ordering it keeps. The zero must be one the converter cannot fold: it folded
+    ``t + 0·s`` to ``t`` (checked on TF 2.21: ``pad(depend(x, dy))`` became a lone PAD of ``x``), it keeps
+    ``min(|s|, 0)`` (ABS, MINIMUM, ADD), which is 0 for every ``s`` but NaN. Float and int32 tensors get the ADD;
+    others (packed uint8 masks, whose ADD is not a builtin) a SLICE starting at that zero, which the converter
+    keeps for a computed tensor but folds away for a constant one (a slice as large as its input can only start
+    at 0).
+    """
+    # the first element sliced from ``on`` itself: a flattening RESHAPE first copied the whole of a tensor that
+    # other ops still read (measured: an 8 MiB copy of a pooling layer's upsampled gradient)
+    first = tf.cast(tf.reshape(tf.slice(on, [0] * len(on.shape), [1] * len(on.shape)), []), tf.float32)
+    zero = tf.minimum(tf.abs(first), 0.0)
+    if t.dtype.is_floating or t.dtype == tf.int32:
+        return t + tf.cast(zero, t.dtype)
+    return tf.slice(t, tf.fill([len(t.shape)], tf.cast(zero, tf.int32)), t.shape)
+
+
+CHUNK_BYTES = 2 << 20
+"""The largest slice a chunked computation (:func:`serial_chunks`) works on at once. Whole, a Gram matrix or a
+projection of a full-size activation made full-size copies beside it: TFLite's RESHAPE copies a tensor that other
+ops still read, XNNPACK packs a dynamic matmul operand into its workspace, and a mask's bit packing went through
+int32 tensors as large as the float activation."""
+
+
+def chunk_bounds(size: int, nbytes: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges that split an axis of ``size`` so each slice holds at most about :data:`CHUNK_BYTES`
+    of the ``nbytes`` the whole tensors hold (one range when they are small, at most one per index)."""
+    parts = min(size, max(1, -(-nbytes // CHUNK_BYTES)))
+    edges = [size * i // parts for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def serial_chunks(tensors: Sequence[tf.Tensor], axis: int, fn: Callable[..., tf.Tensor],
+                  parts: list[tuple[int, int]] | None = None) -> list[tf.Tensor]:
+    """``fn`` on successive slices along ``axis`` of every tensor in ``tensors`` (same size along it), one result
+    per slice, in order (``parts`` fixes the ranges, default :func:`chunk_bounds`).
+
+    Each slice begins at an offset computed from the previous result (:func:`depend`), so the interpreter takes a
+    slice only once the previous one's work is done and at most one slice (and ``fn``'s workspace on it) is alive.
+    Unrolled without that chain, the TFLite converter scheduled all of them at once (as it did the weight
+    gradient's kernel taps). One range: ``fn`` on the tensors themselves.
+    """
+    size = tensors[0].shape[axis]
+    if parts is None:
+        parts = chunk_bounds(size, sum(t.dtype.size * math.prod(t.shape) for t in tensors))
+    if len(parts) == 1:
+        return [fn(*tensors)]
+    results: list[tf.Tensor] = []
+    for lo, hi in parts:
+        begin = [lo if a == axis else 0 for a in range(len(tensors[0].shape))]
+        start = tf.constant(begin, tf.int32) if not results else depend(tf.constant(begin, tf.int32), results[-1])
+        slices = [tf.slice(t, start, [hi - lo if a == axis else n for a, n in enumerate(t.shape)]) for t in tensors]
+        results.append(fn(*slices))
+    return results
 
 
 def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -186,9 +251,21 @@ def unfold(t: tf.Tensor, mode: int) -> tf.Tensor:
 def gram(t: tf.Tensor, mode: int) -> tf.Tensor:
     """Gram matrix of the mode-n unfolding, (I_n, I_n), without a transposed copy of ``t``.
 
-    Batch and channel modes are one matmul of a reshape; the spatial modes are a batched matmul over the
-    axes before them, summed (an unfolding would first materialise a full-size transpose).
+    Summed over slices of the largest other axis (:func:`serial_chunks`): every other axis is summed over, so
+    the slices' Grams add up to the whole one. Per slice, the batch and channel modes are one matmul of a reshape;
+    the spatial modes a batched matmul over the axes before them, summed (an unfolding would first materialise a
+    full-size transpose).
     """
+    axis = max((a for a in range(4) if a != mode), key=lambda a: t.shape[a])
+    return tf.add_n(serial_chunks([t], axis, lambda part: _gram_whole(part, mode)))
+
+
+def trace(g: tf.Tensor) -> tf.Tensor:
+    """Trace of a square matrix: of a Gram matrix, ‖X‖²_F, without the full-size ``X * X`` a sum of squares makes."""
+    return tf.reduce_sum(g * tf.eye(g.shape[0], dtype=g.dtype))
+
+
+def _gram_whole(t: tf.Tensor, mode: int) -> tf.Tensor:
     b, h, w, c = t.shape
     if mode == 0:
         flat = tf.reshape(t, [b, -1])

@@ -37,9 +37,17 @@ def project(x: tf.Tensor, factors: tuple[tf.Tensor | None, ...]) -> Factored:
     smaller tensor: projecting 960 channels onto 32 before touching the batch mode keeps the intermediates 30×
     smaller than the natural mode order did.
     """
-    core = x
-    present = [(mode, u) for mode, u in enumerate(factors) if u is not None]
-    for mode, u in sorted(present, key=lambda item: item[1].shape[1] / item[1].shape[0]):
+    present = sorted(((mode, u) for mode, u in enumerate(factors) if u is not None),
+                     key=lambda item: item[1].shape[1] / item[1].shape[0])
+    if not present:
+        return Factored(x, tuple(factors))
+    first, u = present[0]
+    # the first product reads the full-size x: slice by slice (ops.serial_chunks), so only one slice's reshaped
+    # and transposed copies exist at a time; the later ones work on the shrunk core
+    axis = max((a for a in range(4) if a != first), key=lambda a: x.shape[a])
+    parts = ops.serial_chunks([x], axis, lambda part: ops.mode_dot(part, u, first, project=True))
+    core = parts[0] if len(parts) == 1 else tf.concat(parts, axis)
+    for mode, u in present[1:]:
         core = ops.mode_dot(core, u, mode, project=True)
     return Factored(core, tuple(factors))
 

@@ -40,7 +40,6 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
         effective ranks (4,) int32 (whole modes report their size), and per mode the whole (I_n, W_n) basis
         sorted by Rayleigh quotient, unmasked (the next step's warm start).
     """
-    total = tf.reduce_sum(x * x)
     factors: list[tf.Tensor | None] = []
     bases: list[tf.Tensor | None] = []
     ranks = []
@@ -51,10 +50,11 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
             ranks.append(tf.constant(x.shape[mode], tf.int32))
             continue
         steps = batch_iters if (mode == BATCH and batch_iters is not None) else iters
-        q, lam = leading_eigvecs(ops.gram(x, mode), start, steps)
+        g = ops.gram(x, mode)
+        q, lam = leading_eigvecs(g, start, steps)
         bases.append(q)
         rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
-        mask, k = eps_mask(lam[:rank], total, eps)
+        mask, k = eps_mask(lam[:rank], ops.trace(g), eps)
         factors.append(q[:, :rank] * mask)
         ranks.append(k)
     return project(x, tuple(factors)), tf.stack(ranks), bases

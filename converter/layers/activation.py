@@ -6,20 +6,22 @@ import math
 
 import tensorflow as tf
 
-from converter.layers.base import ForwardContext, Node, pack_mask, packed_mask_bytes, unpack_mask
+from converter.layers.base import ForwardContext, Node, pack_mask_by_rows, packed_mask_bytes, unpack_mask
 
 WEIGHTED = False
 
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     x = xs[0]
-    if node.config["max_value"] is None:
-        y = tf.nn.relu(x)
-        mask = x > 0
-    else:
-        y = tf.nn.relu6(x)
-        mask = tf.logical_and(x > 0, x < 6.0)
-    return y, (pack_mask(mask) if ctx.training else None)
+    relu6 = node.config["max_value"] is not None
+    y = tf.nn.relu6(x) if relu6 else tf.nn.relu(x)
+    if not ctx.training:
+        return y, None
+
+    def passes(part: tf.Tensor) -> tf.Tensor:
+        return tf.logical_and(part > 0, part < 6.0) if relu6 else part > 0
+
+    return y, pack_mask_by_rows([x], passes, math.prod(x.shape[1:]))
 
 
 def backward(node: Node, params: dict, saved: tf.Tensor, dy: tf.Tensor, need_dx: bool):

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from converter.compression.factored import Factored
+from converter.ops import depend, serial_chunks
 
 
 @dataclass
@@ -56,26 +57,17 @@ class ForwardContext:
 INFERENCE = ForwardContext()
 
 
+def after_saved(weight: tf.Tensor, saved: Factored | None) -> tf.Tensor:
+    """``weight`` made to depend (:func:`depend`) on the compressed form of the layer's input, so the layer's own
+    op runs after the compression: the compression's workspace and the layer's full-size output are never alive
+    together, and the output's consumers cannot pull the compression into the backward pass. A tie through the
+    small weight costs nothing; one through the output (``y + 0``) made a full-size copy of it."""
+    if isinstance(saved, Factored) and any(u is not None for u in saved.factors):
+        return depend(weight, saved.core)
+    return weight
+
+
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
-    """``t + min(|s|, 0)`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
-
-    TFLite has no control edges, and the converter's op order does not follow the train step's forward/backward
-    structure: it moved compressions after the loss (keeping full-size activations alive through the forward
-    pass) and hoisted backward-only work (unpacked masks, expanded cores, kernels in matmul form) before it. A
-    data dependency is the one ordering it keeps. The zero must be one the converter cannot fold: it folded
-    ``t + 0·s`` to ``t`` (checked on TF 2.21: ``pad(depend(x, dy))`` became a lone PAD of ``x``), it keeps
-    ``min(|s|, 0)`` (ABS, MINIMUM, ADD), which is 0 for every ``s`` but NaN.
-    """
-    first = tf.cast(tf.reshape(tf.slice(tf.reshape(on, [-1]), [0], [1]), []), tf.float32)
-    zero = tf.minimum(tf.abs(first), 0.0)
-    if t.dtype.is_floating:
-        return t + tf.cast(zero, t.dtype)
-    # integer (packed uint8) tensors: a SLICE starting at a computed 0 (uint8 ADD/SELECT are not builtins)
-    begin = tf.fill([len(t.shape)], tf.cast(zero, tf.int32))
-    return tf.slice(t, begin, t.shape)
 
 
 def pack_mask(mask: tf.Tensor) -> tf.Tensor:
@@ -89,6 +81,17 @@ def pack_mask(mask: tf.Tensor) -> tf.Tensor:
         flat = tf.concat([flat, tf.zeros([pad], tf.bool)], 0)
     bits = tf.reshape(tf.cast(flat, tf.int32), [-1, 8]) * tf.constant(_BIT_WEIGHTS, tf.int32)
     return tf.cast(tf.reduce_sum(bits, axis=1), tf.uint8)
+
+
+def pack_mask_by_rows(inputs: list[tf.Tensor], mask_of: Callable[..., tf.Tensor], row_elements: int) -> tf.Tensor:
+    """``pack_mask(mask_of(*inputs))``, computed on slices of the batch axis one after the other
+    (:func:`~converter.ops.serial_chunks`), so neither the full-size bool mask nor the packing's int32 tensors
+    (each as large as the float activation) exist at once. Slices join byte-aligned only when a sample's mask
+    (``row_elements``) is a whole number of bytes; otherwise the batch is packed in one go."""
+    batch = inputs[0].shape[0]
+    parts = None if row_elements % 8 == 0 else [(0, batch)]
+    packed = serial_chunks(inputs, 0, lambda *rows: pack_mask(mask_of(*rows)), parts)
+    return packed[0] if len(packed) == 1 else tf.concat(packed, 0)
 
 
 _BITS_OF = np.array([[(code >> k) & 1 for k in range(8)] for code in range(256)], bool)  # byte -> its 8 bits

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from converter.errors import ConversionError
 from converter.layers import conv2d
-from converter.layers.base import ForwardContext, Node
+from converter.layers.base import ForwardContext, Node, after_saved
 
 WEIGHTED = True
 
@@ -39,10 +39,12 @@ def _kernel_2d(kernel: tf.Tensor) -> tf.Tensor:
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     x4 = _as_2d(xs[0])
-    y = tf.squeeze(conv2d.conv(x4, _kernel_2d(params["kernel"]), node.config, node.trainable), axis=1)
+    saved = ctx.save_input(node, x4)
+    kernel = _kernel_2d(after_saved(params["kernel"], saved))
+    y = tf.squeeze(conv2d.conv(x4, kernel, node.config, node.trainable), axis=1)
     if "bias" in params:
         y = y + params["bias"]
-    return y, ctx.save_input(node, x4)
+    return y, saved
 
 
 def backward(node: Node, params: dict, saved, dy: tf.Tensor, need_dx: bool):

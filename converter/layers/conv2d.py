@@ -24,7 +24,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import CHANNELS, Factored, expand_spatial, lift_channels, project_batch
 from converter.errors import ConversionError
-from converter.layers.base import ForwardContext, Node, depend
+from converter.layers.base import ForwardContext, Node, after_saved, depend
 
 WEIGHTED = True
 
@@ -75,10 +75,11 @@ def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict, trainable: bool) -> tf.Tens
 
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
-    y = conv(xs[0], params["kernel"], node.config, node.trainable)
+    saved = ctx.save_input(node, xs[0])
+    y = conv(xs[0], after_saved(params["kernel"], saved), node.config, node.trainable)
     if "bias" in params:
         y = y + params["bias"]
-    return y, ctx.save_input(node, xs[0])
+    return y, saved
 
 
 def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad, tap_shape: tuple[int, int]) -> tf.Tensor:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import CHANNELS, Factored
 from converter.layers import conv2d
-from converter.layers.base import ForwardContext, Node, depend
+from converter.layers.base import ForwardContext, Node, after_saved, depend
 
 WEIGHTED = True
 
@@ -29,12 +29,13 @@ def parse(layer, node: Node) -> None:
 
 def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     cfg = node.config
+    saved = ctx.save_input(node, xs[0])
     xp = ops.pad_hw(xs[0], cfg["pads"])
-    y = tf.nn.depthwise_conv2d(xp, params["depthwise_kernel"], strides=[1, *cfg["strides"], 1],
+    y = tf.nn.depthwise_conv2d(xp, after_saved(params["depthwise_kernel"], saved), strides=[1, *cfg["strides"], 1],
                                padding="VALID", dilations=cfg["dilation"])
     if "bias" in params:
         y = y + params["bias"]
-    return y, ctx.save_input(node, xs[0])
+    return y, saved
 
 
 def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict, kernel_shape) -> tf.Tensor:

@@ -7,11 +7,13 @@ pooling (ties all receive it) or divided by the window size for average pooling.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from converter import ops
 from converter.errors import ConversionError
-from converter.layers.base import ForwardContext, Node, pack_mask, packed_mask_bytes, unpack_mask
+from converter.layers.base import ForwardContext, Node, pack_mask_by_rows, packed_mask_bytes, unpack_mask
 
 WEIGHTED = False
 
@@ -53,7 +55,9 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
     y = pool(x, cfg["pool"], cfg["strides"], cfg["padding"])
     saved = None
     if ctx.training and cfg["op"] == "max":
-        saved = pack_mask(tf.equal(_covered(x, y, cfg), _upsample(y, cfg["pool"])))
+        covered = _covered(x, y, cfg)
+        saved = pack_mask_by_rows([covered, y], lambda xs, ys: tf.equal(xs, _upsample(ys, cfg["pool"])),
+                                  math.prod(covered.shape[1:]))
     return _from4(y, cfg), saved
 
 
