@@ -139,10 +139,10 @@ class Workspace:
         started = time.perf_counter()
         manifest = convert(src["model"], out, train_last=spec.train_last, compression=spec.compression,
                            epsilon=spec.epsilon or 0.8, eps_rule=spec.eps_rule, batch_sizes=(spec.batch_size,),
-                           optimizer=spec.optimizer,
-                           learning_rate=spec.learning_rate, calibration_data=src["calibration"],
-                           ram_budget_mb=budget_mb, labels=src["labels"], input_spec=src["input_spec"],
-                           micro_batch=spec.micro_batch, subspace_iters=spec.subspace_iters, measure_memory=False)
+                           optimizer=spec.optimizer, learning_rate=spec.learning_rate,
+                           calibration_data=src["calibration"], ram_budget_mb=budget_mb, labels=src["labels"],
+                           input_spec=src["input_spec"], micro_batch=spec.micro_batch,
+                           subspace_iters=spec.subspace_iters, measure_memory=False)
         wall = time.perf_counter() - started
         layers, vanilla_mib, compressed_mib, static_mib = layer_figures(manifest, src["model"])
         self._bundles[key] = {
