@@ -138,10 +138,11 @@ class Workspace:
                  spec.epsilon, budget_mb)
         started = time.perf_counter()
         manifest = convert(src["model"], out, train_last=spec.train_last, compression=spec.compression,
-                           epsilon=spec.epsilon or 0.8, batch_sizes=(spec.batch_size,), optimizer=spec.optimizer,
-                           learning_rate=spec.learning_rate, calibration_data=src["calibration"],
-                           ram_budget_mb=budget_mb, labels=src["labels"], input_spec=src["input_spec"],
-                           micro_batch=spec.micro_batch, subspace_iters=spec.subspace_iters, measure_memory=False)
+                           epsilon=spec.epsilon or 0.8, eps_rule=spec.eps_rule, batch_sizes=(spec.batch_size,),
+                           optimizer=spec.optimizer, learning_rate=spec.learning_rate,
+                           calibration_data=src["calibration"], ram_budget_mb=budget_mb, labels=src["labels"],
+                           input_spec=src["input_spec"], micro_batch=spec.micro_batch,
+                           subspace_iters=spec.subspace_iters, measure_memory=False)
         wall = time.perf_counter() - started
         layers, vanilla_mib, compressed_mib, static_mib = layer_figures(manifest, src["model"])
         self._bundles[key] = {
@@ -149,7 +150,7 @@ class Workspace:
             "vanilla_mib": vanilla_mib, "compressed_mib": compressed_mib, "static_mib": static_mib,
             "graph_ops": sum(manifest.op_census.values()), "convert_s": float(manifest.versions["convert_seconds"]),
             "convert_wall_s": wall, "ram_budget_mb": budget_mb, "epsilon_used": manifest.compression.get(
-                "epsilon_used"),
+                "epsilon_used"), "eps_rule": manifest.eps_rule,
         }
         return self._bundles[key]
 
@@ -182,7 +183,8 @@ def measure(spec: RunSpec, ws: Workspace, invocation: str) -> dict[str, Any]:
     compressed = spec.method not in ("recipe", "none")
     record = {
         "invocation": invocation, "model": spec.model, "train_last": spec.train_last, "method": spec.method,
-        "epsilon": spec.epsilon, "asi_budget": spec.asi_budget, "ram_budget_mb": bundle["ram_budget_mb"],
+        "epsilon": spec.epsilon, "eps_rule": bundle["eps_rule"], "asi_budget": spec.asi_budget,
+        "ram_budget_mb": bundle["ram_budget_mb"],
         "epsilon_used": bundle["epsilon_used"], "batch_size": spec.batch_size, "micro_batch": spec.micro_batch,
         "plan": plan, "input_size": spec.input_size, "input_shape": bundle["input_shape"],
         "runtime": f"ai-edge-litert {_version('ai-edge-litert')}", "threads": THREADS,

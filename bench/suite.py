@@ -7,10 +7,11 @@ hosvd ε = 0.8 only; ``full`` runs the issue's grid at 224² (see ``docs/bench.m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Method = Literal["recipe", "none", "svd", "hosvd", "asi"]
 METHODS: tuple[Method, ...] = ("recipe", "none", "svd", "hosvd", "asi")
+EPS_RULES = ("energy", "centred")  # converter.compression.ranks.EpsRule (bench.suite imports no TensorFlow)
 PAPER_MODELS = ("mobilenetv2", "resnet18")
 DATA_MODELS = {"digits": "digits_cnn", "basicmotions": "imu_cnn", "japanesevowels": "vowels_cnn",
                "plaid": "plaid_cnn"}
@@ -29,6 +30,7 @@ class RunSpec:
         method: ``recipe`` (no compression, whole batch through ``train``) or a compression method run with
             prefix streaming (``none``, ``svd``, ``hosvd``, ``asi``).
         epsilon: ε for ``svd``/``hosvd`` (``None`` otherwise).
+        eps_rule: the converter's ``eps_rule`` for ``svd``/``hosvd``: ``energy`` (the paper's) or ``centred``.
         asi_budget: for ``asi``: the saved-activation budget as a fraction of the vanilla saved bytes.
         batch_size: the static train batch.
         micro_batch: samples per ``features`` invoke in the streamed plan.
@@ -47,6 +49,7 @@ class RunSpec:
     train_last: int
     method: Method
     epsilon: float | None = None
+    eps_rule: str = "energy"
     asi_budget: float | None = None
     batch_size: int = 32
     micro_batch: int = 1
@@ -67,6 +70,9 @@ class RunSpec:
             raise ValueError(f"{self.method} takes epsilon only for svd/hosvd, got epsilon={self.epsilon}")
         if (self.asi_budget is None) == (self.method == "asi"):
             raise ValueError(f"asi needs asi_budget (and only asi takes one), got {self.asi_budget}")
+        if self.eps_rule not in EPS_RULES or (self.eps_rule != "energy" and self.epsilon is None):
+            raise ValueError(f"eps_rule must be one of {list(EPS_RULES)} ({self.eps_rule!r} given), and other than "
+                             f"energy only with an epsilon")
 
     @property
     def compression(self) -> str:
@@ -82,18 +88,26 @@ class RunSpec:
         return (self.compression, *sorted(fields.items()))
 
 
-# (method, epsilon, asi budget)
-BASELINES = [("recipe", None, None), ("none", None, None)]
-QUICK_METHODS = [*BASELINES, ("hosvd", 0.8, None)]
-FULL_METHODS = [*BASELINES, ("svd", 0.8, None), ("svd", 0.9, None), ("hosvd", 0.7, None), ("hosvd", 0.8, None),
-                ("hosvd", 0.9, None), ("asi", None, 0.5), ("asi", None, 0.25)]
+class Setting(NamedTuple):
+    """One method of a suite's grid, with its options (the :class:`RunSpec` fields of the same names)."""
+
+    method: Method
+    epsilon: float | None = None
+    asi_budget: float | None = None
+    eps_rule: str = "energy"
 
 
-def _grid(base: RunSpec, methods: list[tuple]) -> list[RunSpec]:
-    return [replace(base, method=m, epsilon=e, asi_budget=b) for m, e, b in methods]
+BASELINES = [Setting("recipe"), Setting("none")]
+QUICK_METHODS = [*BASELINES, Setting("hosvd", 0.8)]
+FULL_METHODS = [*BASELINES, Setting("svd", 0.8), Setting("svd", 0.9), Setting("hosvd", 0.7), Setting("hosvd", 0.8),
+                Setting("hosvd", 0.9), Setting("asi", asi_budget=0.5), Setting("asi", asi_budget=0.25)]
 
 
-def _data_runs(methods: list[tuple], seeds: tuple[int, ...], fast: bool,
+def _grid(base: RunSpec, methods: list[Setting]) -> list[RunSpec]:
+    return [replace(base, **m._asdict()) for m in methods]
+
+
+def _data_runs(methods: list[Setting], seeds: tuple[int, ...], fast: bool,
                datasets: tuple[str, ...] = tuple(DATA_MODELS)) -> list[RunSpec]:
     """Every method on every data set and seed, seed by seed (a partial run has every data set)."""
     from demo.run import SETTINGS  # the demo's fine-tuning recipe per data set
@@ -134,7 +148,8 @@ def full() -> list[RunSpec]:
     return runs
 
 
-ACCURACY_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("hosvd", 0.9, None), ("svd", 0.8, None), ("asi", None, 0.25)]
+ACCURACY_METHODS = [*BASELINES, Setting("hosvd", 0.8), Setting("hosvd", 0.9), Setting("svd", 0.8),
+                    Setting("asi", asi_budget=0.25)]
 ACCURACY_DATASETS = ("digits", "japanesevowels", "plaid")
 
 
@@ -145,7 +160,16 @@ def accuracy() -> list[RunSpec]:
     return _data_runs(ACCURACY_METHODS, seeds=(0, 1, 2), fast=False, datasets=ACCURACY_DATASETS)
 
 
-DEPTH_METHODS = [*BASELINES, ("hosvd", 0.8, None), ("asi", None, 0.25)]
+CENTRED_METHODS = [*BASELINES, Setting("hosvd", 0.8), Setting("hosvd", 0.8, eps_rule="centred")]
+
+
+def accuracy_centred() -> list[RunSpec]:
+    """The centred ε rule against the paper's (issue 11): the accuracy suite's data sets, seeds and recipes,
+    ``recipe``/``none`` and hosvd ε 0.8 under both rules."""
+    return _data_runs(CENTRED_METHODS, seeds=(0, 1, 2), fast=False, datasets=ACCURACY_DATASETS)
+
+
+DEPTH_METHODS = [*BASELINES, Setting("hosvd", 0.8), Setting("asi", asi_budget=0.25)]
 
 
 def depth() -> list[RunSpec]:
@@ -153,9 +177,8 @@ def depth() -> list[RunSpec]:
     weighted layers trainable (61, 121 and 228 MiB of vanilla conv inputs), for ``recipe`` (whole batch), and
     streamed ``none``, ``hosvd`` ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see
     ``docs/bench.md``: each 224² conversion at these depths takes minutes)."""
-    return [replace(RunSpec("mobilenetv2", train_last=n, method="none", input_size=224), method=m, epsilon=e,
-                    asi_budget=b)
-            for n in (14, 20, 35) for m, e, b in DEPTH_METHODS]
+    return [run for n in (14, 20, 35)
+            for run in _grid(RunSpec("mobilenetv2", train_last=n, method="none", input_size=224), DEPTH_METHODS)]
 
 
 def tiny() -> list[RunSpec]:
@@ -165,4 +188,5 @@ def tiny() -> list[RunSpec]:
     return _grid(base, QUICK_METHODS)
 
 
-SUITES = {"quick": quick, "full": full, "accuracy": accuracy, "depth": depth, "tiny": tiny}
+SUITES = {"quick": quick, "full": full, "accuracy": accuracy, "accuracy-centred": accuracy_centred, "depth": depth,
+          "tiny": tiny}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from converter.compression.ranks import rank_from_energy
+from converter.compression.ranks import EpsRule, rank_from_energy
 from converter.engine import COMPRESSIBLE, frozen_params, run_nodes, saved_shape
 from converter.graph import Graph, Split
 from converter.layers.base import INFERENCE, ForwardContext, Node
@@ -52,16 +52,17 @@ class LayerSpectra:
     batch_spectra: list[np.ndarray] = field(default_factory=list)
     grams: list[np.ndarray | None] = field(default_factory=list)  # modes 1..3, None for size-1 modes
 
-    def eps_ranks(self, eps: float, modes: tuple[int, ...]) -> list[int | None]:
-        """The paper's ε-rank per mode (``None`` for modes not decomposed or of size 1)."""
+    def eps_ranks(self, eps: float, modes: tuple[int, ...], rule: EpsRule = EpsRule.ENERGY) -> list[int | None]:
+        """The ε-rank per mode under ``rule`` (``None`` for modes not decomposed or of size 1)."""
         ranks: list[int | None] = []
         for mode, size in enumerate(self.shape):
             if mode not in modes or size == 1:
                 ranks.append(None)
             elif mode == 0:
-                ranks.append(max(rank_from_energy(s, eps) for s in self.batch_spectra))
+                ranks.append(max(rank_from_energy(s, eps, rule) for s in self.batch_spectra))
             else:
-                ranks.append(rank_from_energy(np.clip(np.linalg.eigvalsh(self.grams[mode - 1]), 0, None), eps))
+                spectrum = np.clip(np.linalg.eigvalsh(self.grams[mode - 1]), 0, None)
+                ranks.append(rank_from_energy(spectrum, eps, rule))
         return ranks
 
 

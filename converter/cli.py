@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CHOICES = ("auto", "sparse_categorical_crossentropy", "categorical_crossentropy", "mse")  # converter.losses.CHOICES
+EPS_RULES = ("energy", "centred")  # converter.compression.ranks.EpsRule (importing it would load TensorFlow)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -28,6 +29,10 @@ def _bundle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=".keras/.h5 file, or a directory holding one")
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--epsilon", type=float, default=0.8, help="energy share kept per mode (default 0.8)")
+    parser.add_argument("--eps-rule", default="energy", choices=EPS_RULES,
+                        help="which energy --epsilon is a share of: energy (default, the paper's rule: all of it) or "
+                             "centred (always keep the leading component, ~ the batch mean of post-ReLU inputs, "
+                             "and apply ε to the energy beyond it; keeps more components)")
     parser.add_argument("--batch-size", type=_batch_sizes, default=[32], metavar="B[,B2...]",
                         help="static train batch size(s); the first is the default signature (default 32)")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
@@ -170,9 +175,10 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         manifest = convert(
             args.model, args.out, train_last=args.train_last, compression=args.compression, epsilon=args.epsilon,
-            batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, max_rank=args.max_rank, subspace_iters=args.subspace_iters,
-            warm_start=args.warm_start, oversample=args.oversample, batch_iters=args.batch_mode_iters,
+            eps_rule=args.eps_rule, batch_sizes=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, max_rank=args.max_rank,
+            subspace_iters=args.subspace_iters, warm_start=args.warm_start, oversample=args.oversample,
+            batch_iters=args.batch_mode_iters,
             calibration_data=None if calibration is None else np.asarray(calibration),
             ram_budget_mb=args.ram_budget_mb, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, measure_memory=not args.no_measure,
@@ -214,8 +220,8 @@ def _fit(args: argparse.Namespace) -> int:
         result = fit(
             model, args.out, ram_ceiling_mb=args.ram_ceiling_mb, batch_size=args.batch_size[0],
             calibration_data=np.asarray(load_calibration(args.calibration_data)), method=args.method,
-            epsilon=args.epsilon, on_candidate=measured, optimizer=args.optimizer, learning_rate=args.lr,
-            momentum=args.momentum, weight_decay=args.weight_decay, max_rank=args.max_rank,
+            epsilon=args.epsilon, eps_rule=args.eps_rule, on_candidate=measured, optimizer=args.optimizer,
+            learning_rate=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, max_rank=args.max_rank,
             subspace_iters=args.subspace_iters, warm_start=args.warm_start, oversample=args.oversample,
             batch_iters=args.batch_mode_iters, labels=args.labels.split(",") if args.labels else None,
             loss=args.loss, micro_batch=args.micro_batch, **defaults)

@@ -21,7 +21,7 @@ from converter.calibration import calibrate
 from converter.compression import Method, parse_method
 from converter.compression.asi import choose_ranks
 from converter.compression.factored import tucker_elements
-from converter.compression.ranks import static_ranks
+from converter.compression.ranks import EpsRule, parse_eps_rule, static_ranks
 from converter.engine import COMPRESSIBLE, CompressionSettings, TrainingModule, compresses, fitted_ranks, saved_shape
 from converter.errors import ConversionError
 from converter.export import op_census, to_tflite
@@ -140,10 +140,10 @@ def _estimate_peak(sp: Split, module: TrainingModule, infos: list[LayerInfo], ba
     return weights + saved + 2 * biggest(sp.prefix, micro) + 3 * biggest(sp.suffix, batch)
 
 
-def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, max_rank: int, ram_budget_mb: float | None,
-            calibration_data: np.ndarray | None, batch: int,
+def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, rule: EpsRule, max_rank: int,
+            ram_budget_mb: float | None, calibration_data: np.ndarray | None, batch: int,
             loss: Loss) -> tuple[dict[str, dict], dict[str, np.ndarray], float, str]:
-    """Static ranks of every compressed layer from the calibration data.
+    """Static ranks of every compressed layer from the calibration data, at ε under ``rule``.
 
     Returns:
         ``(sizing, first batch of saved inputs for asi, ε used, how asi chose its ranks)``; ``sizing[layer]``
@@ -176,7 +176,8 @@ def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, max_rank: i
         budget = None if ram_budget_mb is None else int(ram_budget_mb * 2**20)
         errors = gradient_errors(graph, sp, loss, calibration_data, batch, nodes)
         try:
-            plan = choose_ranks([calib.first_batch[n.name] for n in nodes], epsilon, budget, max_rank, errors)
+            plan = choose_ranks([calib.first_batch[n.name] for n in nodes], epsilon, budget, max_rank, errors,
+                                rule)
         except ValueError as err:
             raise ConversionError(str(err)) from None
         used_eps, selection = min(plan.epsilons), plan.selection
@@ -186,7 +187,7 @@ def _sizing(graph: Graph, sp: Split, method: Method, epsilon: float, max_rank: i
         static = {name: (r, [m for m, k in enumerate(r) if k == max_rank]) for name, r in eps_ranks.items()}
     else:
         modes = (0, 1, 2, 3) if method == Method.HOSVD else (0,)
-        eps_ranks = {n.name: calib.layers[n.name].eps_ranks(epsilon, modes) for n in nodes}
+        eps_ranks = {n.name: calib.layers[n.name].eps_ranks(epsilon, modes, rule) for n in nodes}
         static = {n.name: static_ranks(eps_ranks[n.name], saved_shape(n, batch), max_rank) for n in nodes}
     sizing = {}
     for node in nodes:
@@ -214,6 +215,7 @@ def convert(
     train_last: int,
     compression: str = "hosvd",
     epsilon: float = 0.8,
+    eps_rule: str = "energy",
     batch_sizes: Sequence[int] = (32,),
     optimizer: str = "sgd",
     learning_rate: float = 0.01,
@@ -242,6 +244,10 @@ def convert(
         train_last: train the last N weighted layers (Conv1D/Conv2D/DepthwiseConv2D/Dense) and all after them.
         compression: ``none``, ``svd``, ``hosvd`` or ``asi``.
         epsilon: energy share kept per mode (the paper's ε), for ``svd``/``hosvd`` and the start of ``asi``.
+        eps_rule: which energy ε is a share of, in the static ranks from the calibration data and (``svd``,
+            ``hosvd``) at run time: ``energy`` (the paper's rule, all of it) or ``centred`` (the leading
+            component, ≈ the batch mean of non-negative activations, always kept, and ε of the energy beyond it;
+            keeps more components). See :class:`~converter.compression.ranks.EpsRule`.
         batch_sizes: static batch sizes of the train signatures; the first is the default (``train``).
         optimizer: ``sgd`` or ``adam``.
         learning_rate, momentum, weight_decay: optimizer settings (the learning rate stays settable on device).
@@ -290,6 +296,10 @@ def convert(
         raise ConversionError(f"batch sizes must be positive integers, got {batch_sizes}")
     if not 0.0 < epsilon <= 1.0:
         raise ConversionError(f"--epsilon must be in (0, 1], got {epsilon}")
+    try:
+        rule = parse_eps_rule(eps_rule)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
     notify("parse")
     if not isinstance(model, keras.Model):
@@ -301,13 +311,14 @@ def convert(
 
     notify("calibrate")
     default_batch = batch_sizes[0]
-    sizing, first_batch, used_eps, selection = _sizing(graph, sp, method, epsilon, max_rank, ram_budget_mb,
+    sizing, first_batch, used_eps, selection = _sizing(graph, sp, method, epsilon, rule, max_rank, ram_budget_mb,
                                                        calibration_data, default_batch, loss_kind)
 
     notify("build")
     opt_cfg = OptimizerConfig(name=opt_name, learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
-    settings = CompressionSettings(method=method, epsilon=epsilon, max_rank=max_rank, iters=subspace_iters,
-                                   warm_start=warm_start, oversample=oversample, batch_iters=batch_iters)
+    settings = CompressionSettings(method=method, epsilon=epsilon, eps_rule=rule, max_rank=max_rank,
+                                   iters=subspace_iters, warm_start=warm_start, oversample=oversample,
+                                   batch_iters=batch_iters)
     module = TrainingModule(graph, sp, loss_kind, opt_cfg, settings, batch_sizes,
                             {name: sized["ranks"] for name, sized in sizing.items()}, first_batch)
 
@@ -327,7 +338,8 @@ def convert(
     classes = graph.output_shape[-1] if loss_kind == Loss.CROSSENTROPY else 0
     spec_fields = dict(shape=list(graph.input_shape), layout=_default_layout(graph.input_shape))
     spec_fields |= input_spec or {}
-    comp = {"method": method.value, "epsilon": epsilon, "max_rank": max_rank, "subspace_iters": subspace_iters}
+    comp = {"method": method.value, "epsilon": epsilon, "eps_rule": rule.value, "max_rank": max_rank,
+            "subspace_iters": subspace_iters}
     if method == Method.HOSVD:
         comp |= {"warm_start": warm_start, "oversample": oversample, "batch_iters": batch_iters}
     if method == Method.ASI:

@@ -20,6 +20,7 @@ from converter.compression.asi import Asi
 from converter.compression.factored import Factored, tucker_elements
 from converter.compression.hosvd import Hosvd
 from converter.compression.none import Vanilla
+from converter.compression.ranks import EpsRule
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
 from converter.layers import module_for
@@ -36,6 +37,7 @@ COMPRESSIBLE = ("Conv2D", "Conv1D", "DepthwiseConv2D")
 class CompressionSettings:
     method: Method = Method.HOSVD
     epsilon: float = 0.8
+    eps_rule: EpsRule = EpsRule.ENERGY  # svd/hosvd: which energy ε is a share of at run time
     max_rank: int = 32
     iters: int = 1
     warm_start: bool = True  # hosvd: start each step's subspace iteration from the previous step's bases
@@ -127,7 +129,8 @@ class TrainingModule(tf.Module):
             calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
             extras = (dict(warm=c.warm_start, oversample=c.oversample, batch_iters=c.batch_iters)
                       if c.method == Method.HOSVD else {})  # svd has only the batch mode: its steps are ``iters``
-            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, **extras)
+            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, rule=c.eps_rule,
+                                    **extras)
         else:
             calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
             compressor = Asi(shape, ranks, calib, name=name)

@@ -167,6 +167,12 @@ class Manifest:
     fit: dict[str, Any] | None = None  # the ``hosvd-convert fit`` search that chose train_last (docs/bundle.md)
 
     @property
+    def eps_rule(self) -> str:
+        """The ε rule the ranks were chosen with (``compression.eps_rule``): ``energy`` or ``centred``; bundles
+        converted before the field existed used ``energy``."""
+        return self.compression.get("eps_rule", "energy")
+
+    @property
     def default_batch_size(self) -> int:
         return self.train_signatures[0].batch_size
 

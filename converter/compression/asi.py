@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from converter import ops
 from converter.compression.factored import Factored, project, tucker_elements
-from converter.compression.ranks import mode_spectrum, rank_from_energy
+from converter.compression.ranks import EpsRule, mode_spectrum, rank_from_energy
 from converter.compression.subspace import WarmBases, orthonormalize
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ def gram_times(x: tf.Tensor, mode: int, v: tf.Tensor) -> tf.Tensor:
     return tf.matmul(a, tf.matmul(a, v, transpose_a=True))
 
 
-def ranks_at(spectra: list[np.ndarray | None], eps: float, max_rank: int) -> list[int | None]:
-    """Per-mode ε-rank capped at ``max_rank``; ``None`` spectra (whole modes) stay ``None``."""
-    return [None if s is None else min(rank_from_energy(s, eps), max_rank) for s in spectra]
+def ranks_at(spectra: list[np.ndarray | None], eps: float, max_rank: int,
+             rule: EpsRule = EpsRule.ENERGY) -> list[int | None]:
+    """Per-mode ε-rank under ``rule`` capped at ``max_rank``; ``None`` spectra (whole modes) stay ``None``."""
+    return [None if s is None else min(rank_from_energy(s, eps, rule), max_rank) for s in spectra]
 
 
 EPS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
@@ -74,7 +75,8 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int) -> list[int] |
 
 
 def choose_ranks(activations: list[np.ndarray], eps: float, budget_bytes: int | None, max_rank: int,
-                 gradient_errors: Callable[[list[list[int | None]]], list[float]] | None = None) -> AsiPlan:
+                 gradient_errors: Callable[[list[list[int | None]]], list[float]] | None = None,
+                 rule: EpsRule = EpsRule.ENERGY) -> AsiPlan:
     """Fixed ranks for every compressed layer.
 
     Without a budget (or when the requested ε fits it) each mode gets its ε-rank on the calibration activations.
@@ -90,6 +92,7 @@ def choose_ranks(activations: list[np.ndarray], eps: float, budget_bytes: int | 
         max_rank: static cap per mode.
         gradient_errors: ranks per layer -> the relative weight-gradient error of each layer with its saved input
             truncated to those ranks, measured on calibration data; without it a budget lowers one ε.
+        rule: the ε rule every candidate ε is applied with (:class:`~converter.compression.ranks.EpsRule`).
 
     Raises:
         ValueError: the budget is below what rank 1 in every mode needs.
@@ -98,7 +101,7 @@ def choose_ranks(activations: list[np.ndarray], eps: float, budget_bytes: int | 
     sizes = [a.shape for a in activations]
 
     def plan_at(e: float) -> list[list[int | None]]:
-        return [ranks_at(s, e, max_rank) for s in spectra]
+        return [ranks_at(s, e, max_rank, rule) for s in spectra]
 
     def layer_bytes(ranks: list[list[int | None]]) -> list[int]:
         return [4 * tucker_elements(shape, tuple(r)) for shape, r in zip(sizes, ranks, strict=True)]

@@ -1,7 +1,8 @@
 """``hosvd``: Tucker decomposition over all four modes of an NHWC activation, ranks chosen by ε at run time.
 
 Per mode: Gram matrix, subspace iteration to a static maximum rank (warm-started from the previous step's
-basis), ε masks the columns beyond the paper's rank. The core is the activation projected on every (masked)
+basis), ε masks the columns beyond the rank its rule picks (the paper's, or centred:
+:class:`~converter.compression.ranks.EpsRule`). The core is the activation projected on every (masked)
 factor. Modes of size 1 (Conv1D's unit height) are kept whole.
 """
 
@@ -12,7 +13,8 @@ import tensorflow as tf
 
 from converter import ops
 from converter.compression.factored import BATCH, Factored, project, tucker_elements
-from converter.compression.subspace import WarmBases, eps_mask, leading_eigvecs, start_matrix
+from converter.compression.ranks import EpsRule, eps_mask
+from converter.compression.subspace import WarmBases, leading_eigvecs, start_matrix
 
 
 def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> list[int | None]:
@@ -21,19 +23,20 @@ def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> 
 
 
 def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None], iters: int,
-          keep: list[int | None] | None = None,
-          batch_iters: int | None = None) -> tuple[Factored, tf.Tensor, list[tf.Tensor | None]]:
+          keep: list[int | None] | None = None, batch_iters: int | None = None,
+          rule: EpsRule = EpsRule.ENERGY) -> tuple[Factored, tf.Tensor, list[tf.Tensor | None]]:
     """Truncated HOSVD of a (B, H, W, C) tensor.
 
     Args:
         x: the activation.
-        eps: energy share each mode keeps (the paper's ε).
+        eps: energy share each mode keeps (the paper's ε), of the energy ``rule`` says.
         starts: per mode a (I_n, W_n) start matrix (fixed, or the previous step's basis), or None to keep that
             mode whole.
         iters: subspace-iteration steps per mode.
         batch_iters: steps for the batch mode instead (default ``iters``): it starts cold at every step.
         keep: per mode the static rank R_n ≤ W_n of the saved factor (default W_n); the W_n - R_n extra columns
             oversample the iteration, which converges at the ratio λ_{W+1}/λ_k instead of λ_{R+1}/λ_k.
+        rule: the ε rule (:class:`~converter.compression.ranks.EpsRule`).
 
     Returns:
         ``(factored, ranks, bases)``: factors (I_n, R_n) with the columns beyond each effective rank zeroed, the
@@ -54,7 +57,7 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
         q, lam = leading_eigvecs(g, start, steps)
         bases.append(q)
         rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
-        mask, k = eps_mask(lam[:rank], ops.trace(g), eps)
+        mask, k = eps_mask(lam[:rank], ops.trace(g), eps, rule)
         factors.append(q[:, :rank] * mask)
         ranks.append(k)
     return project(x, tuple(factors)), tf.stack(ranks), bases
@@ -73,9 +76,10 @@ class Hosvd:
 
     def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int, *,
                  name: str = "hosvd", calibration: np.ndarray | None = None, warm: bool = True,
-                 oversample: int = 0, batch_iters: int | None = None):
+                 oversample: int = 0, batch_iters: int | None = None, rule: EpsRule = EpsRule.ENERGY):
         self.shape = shape
         self.eps = eps
+        self.rule = rule
         self.iters = iters
         self.batch_iters = batch_iters
         self.ranks = ranks
@@ -86,7 +90,7 @@ class Hosvd:
 
     def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
         starts = [self.warm.start(m) if m in self.warm.bases else s for m, s in enumerate(self.starts)]
-        factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks, self.batch_iters)
+        factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks, self.batch_iters, self.rule)
         return factored, [self.warm.update(m, bases[m]) for m in self.warm.bases]
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 ``tf.linalg.svd``/``eigh`` do not convert to TFLite and ``qr`` only as a Flex op, so the decomposition is
 written with MATMUL, SUM, SQRT, DIV, CONCATENATION, TOPK_V2 and GATHER. Ranks are static (the maximum);
-ε selects the effective rank at run time by zeroing the columns beyond it.
+ε selects the effective rank at run time by zeroing the columns beyond it
+(:func:`converter.compression.ranks.eps_mask`).
 """
 
 from __future__ import annotations
@@ -69,21 +70,6 @@ def leading_eigvecs(g: tf.Tensor, start: np.ndarray, iters: int) -> tuple[tf.Ten
     lam = tf.reduce_sum(q * tf.matmul(g, q), axis=0)
     lam, order = tf.math.top_k(lam, k=q.shape[1])
     return tf.gather(q, order, axis=1), lam
-
-
-def eps_mask(lam: tf.Tensor, total: tf.Tensor, eps: float) -> tuple[tf.Tensor, tf.Tensor]:
-    """The paper's rank rule at run time: smallest k with Σ_{i≤k} λ_i ≥ ε·Σλ, as a 0/1 column mask.
-
-    ``total`` is the full energy ‖X‖²_F (so a capped maximum rank is honest about what it misses).
-    With orthonormal columns, ``Σ_{i≤k} λ_i`` is exactly the energy the first k columns capture, so the kept
-    columns hold at least ε of the energy even before the iteration has converged (Ky Fan: unconverged
-    quotients can only make k larger than the paper's, never lose energy); more iterations bring k down to it.
-    Returns ``(mask (R,), k ())``.
-    """
-    below = tf.cast(tf.cumsum(lam) < eps * total, tf.int32)
-    k = tf.minimum(tf.reduce_sum(below) + 1, lam.shape[0])
-    mask = tf.cast(tf.range(lam.shape[0]) < k, tf.float32)
-    return mask, k
 
 
 class WarmBases:

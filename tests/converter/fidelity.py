@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import layers
 from sklearn.datasets import load_digits
 
-from converter.compression.ranks import rank_from_energy, unfolding
+from converter.compression.ranks import EpsRule, rank_from_energy, unfolding
 from converter.convert import convert
 from device_app.bundle import Bundle
 from device_app.steps import train_step
@@ -56,15 +56,16 @@ def pretrained(kind: str, seed: int = 0, epochs: int = 4) -> keras.Model:
     return model
 
 
-def exact_hosvd(x: np.ndarray, eps: float) -> np.ndarray:
+def exact_hosvd(x: np.ndarray, eps: float, rule: EpsRule = EpsRule.ENERGY) -> np.ndarray:
     """The paper's truncated HOSVD of ``x``, rebuilt: per mode of size > 1 the exact SVD of the unfolding, the
-    smallest rank whose cumulative energy share is ≥ ε, projection on those singular vectors."""
+    smallest rank whose cumulative energy share is ≥ ε (of the energy ``rule`` says), projection on those
+    singular vectors."""
     rebuilt = x.astype(np.float64)
     for mode in range(x.ndim):
         if x.shape[mode] == 1:
             continue
         u, s, _ = np.linalg.svd(unfolding(x, mode), full_matrices=False)
-        u = u[:, :rank_from_energy(s**2, eps)]
+        u = u[:, :rank_from_energy(s**2, eps, rule)]
         rebuilt = np.moveaxis(np.tensordot(u @ u.T, np.moveaxis(rebuilt, mode, 0), axes=(1, 0)), 0, mode)
     return rebuilt.astype(np.float32)
 
@@ -90,7 +91,7 @@ class Errors:
 def measure(model: keras.Model, kind: str, bundle_dir: Path, eps: float, batches: int, **options) -> Errors:
     """Convert ``model`` (all weighted layers but the first trained, ``hosvd`` at ``eps``, plain SGD), take
     ``batches`` consecutive steps on the device runtime, and compare each compressed layer's update with the exact
-    gradient at the same weights and with the paper's HOSVD gradient."""
+    gradient at the same weights and with the paper's HOSVD gradient (at the bundle's ``eps_rule``)."""
     x_all, y_all = digits(kind)
     x_all, y_all = x_all[1200:], y_all[1200:]
     original = model.get_weights()
@@ -103,6 +104,7 @@ def measure(model: keras.Model, kind: str, bundle_dir: Path, eps: float, batches
 def _measure(model: keras.Model, x_all: np.ndarray, y_all: np.ndarray, bundle_dir: Path, eps: float, batches: int,
              options: dict) -> Errors:
     weighted = [layer for layer in model.layers if isinstance(layer, (*COMPRESSED, layers.Dense))]
+    rule = EpsRule(options.get("eps_rule", "energy"))
     convert(model, bundle_dir, train_last=len(weighted) - 1, compression="hosvd", epsilon=eps, batch_sizes=(BATCH,),
             learning_rate=LR, loss="sparse_categorical_crossentropy", measure_memory=False, **options)
     bundle = Bundle(bundle_dir)
@@ -131,7 +133,7 @@ def _measure(model: keras.Model, x_all: np.ndarray, y_all: np.ndarray, bundle_di
         dys = tape.gradient(loss, list(outputs.values()))
         for layer, dy in zip(compressed, dys, strict=True):
             exact = weight_gradient(layer, inputs[layer.name], dy)
-            paper = weight_gradient(layer, exact_hosvd(inputs[layer.name], eps), dy)
+            paper = weight_gradient(layer, exact_hosvd(inputs[layer.name], eps, rule), dy)
             ours = (before[names[layer.name]] - after[names[layer.name]]) / LR
             norm = np.linalg.norm(exact)
             errors.bundle[layer.name].append(float(np.linalg.norm(ours - exact) / norm))
