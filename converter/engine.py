@@ -210,8 +210,8 @@ class TrainingModule(tf.Module):
                 continue
             dy = grads.pop(node.output)
             wants = [t in needs_grad for t in node.inputs]
-            dxs, wgrads = module_for(node.kind).backward(node, self._params(node), after_dy(node, saved[node.name], dy), dy,
-                                                         any(wants))
+            dxs, wgrads = module_for(node.kind).backward(node, self._params(node),
+                                                         after_dy(node, saved[node.name], dy), dy, any(wants))
             for tensor_id, dx, want in zip(node.inputs, dxs, wants, strict=True):
                 if want and dx is not None:
                     grads[tensor_id] = grads[tensor_id] + dx if tensor_id in grads else dx
