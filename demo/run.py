@@ -106,12 +106,14 @@ SETTINGS: dict[str, Settings] = {
         learning_rate=3e-3,
         steps=150,
         fast_steps=40,
-        ram_ceiling_mb=200,
+        # ≥ 2 MiB from every need it decides on (measured, MiB): fit's hosvd last 6 201.6 and vanilla last 4 206.1,
+        # the device's plan for hosvd last 6 200.8 and for vanilla last 6 210.6 (see docs/demo.md)
+        ram_ceiling_mb=204,
         data="digits",
         fit_ceiling=True,
-        # the device's planner named 81 MiB for the hosvd bundle (daemon 44, evaluation arena, data buffers,
-        # bundle-loaded RSS above the converter's): see docs/demo.md
-        device_base_mb=84.0,
+        # what the device's planner named for these bundles (daemon 47, evaluation arena, data buffers,
+        # bundle-loaded RSS above the converter's: 77.5 MiB), rounded up
+        device_base_mb=78.0,
     ),
     # the two benchmark sensor sets (bench.suite's accuracy suite) share one fine-tuning recipe
     "japanesevowels": _BENCH_SENSOR_SET,
