@@ -43,6 +43,9 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
         effective ranks (4,) int32 (whole modes report their size), and per mode the whole (I_n, W_n) basis
         sorted by Rayleigh quotient, unmasked (the next step's warm start).
     """
+    grams = {mode: ops.gram(x, mode) for mode, start in enumerate(starts) if start is not None}
+    # ‖X‖² is every Gram's trace: the smallest one's needs the smallest identity constant (960² floats at C = 960)
+    total = ops.trace(grams[min(grams, key=lambda m: x.shape[m])]) if grams else None
     factors: list[tf.Tensor | None] = []
     bases: list[tf.Tensor | None] = []
     ranks = []
@@ -53,11 +56,10 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
             ranks.append(tf.constant(x.shape[mode], tf.int32))
             continue
         steps = batch_iters if (mode == BATCH and batch_iters is not None) else iters
-        g = ops.gram(x, mode)
-        q, lam = leading_eigvecs(g, start, steps)
+        q, lam = leading_eigvecs(grams[mode], start, steps)
         bases.append(q)
         rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
-        mask, k = eps_mask(lam[:rank], ops.trace(g), eps, rule)
+        mask, k = eps_mask(lam[:rank], total, eps, rule)
         factors.append(q[:, :rank] * mask)
         ranks.append(k)
     return project(x, tuple(factors)), tf.stack(ranks), bases
