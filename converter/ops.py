@@ -63,9 +63,11 @@ def chunk_bounds(size: int, nbytes: int) -> list[tuple[int, int]]:
 
 
 def serial_chunks(tensors: Sequence[tf.Tensor], axis: int, fn: Callable[..., tf.Tensor],
-                  parts: list[tuple[int, int]] | None = None) -> list[tf.Tensor]:
+                  parts: list[tuple[int, int]] | None = None, summed: bool = False) -> list[tf.Tensor]:
     """``fn`` on successive slices along ``axis`` of every tensor in ``tensors`` (same size along it), one result
-    per slice, in order (``parts`` fixes the ranges, default :func:`chunk_bounds`).
+    per slice, in order (``parts`` fixes the ranges, default :func:`chunk_bounds`); with ``summed``, one result:
+    their running sum, each next slice waiting for it, so at most two results are alive (a Gram matrix of 960
+    channels is 3.5 MiB per slice, more than the slice itself).
 
     Each slice is a GATHER of indices computed from the previous result (:func:`depend`), so the interpreter takes
     a slice only once the previous one's work is done and at most one slice (and ``fn``'s workspace on it) is
@@ -85,7 +87,11 @@ def serial_chunks(tensors: Sequence[tf.Tensor], axis: int, fn: Callable[..., tf.
         rows = tf.range(lo, hi, dtype=tf.int32)
         if results:
             rows = depend(rows, results[-1])
-        results.append(fn(*(tf.gather(t, rows, axis=axis) for t in tensors)))
+        result = fn(*(tf.gather(t, rows, axis=axis) for t in tensors))
+        if summed and results:
+            results[-1] = results[-1] + result
+        else:
+            results.append(result)
     return results
 
 
@@ -260,7 +266,7 @@ def gram(t: tf.Tensor, mode: int) -> tf.Tensor:
     full-size transpose).
     """
     axis = max((a for a in range(4) if a != mode), key=lambda a: t.shape[a])
-    return tf.add_n(serial_chunks([t], axis, lambda part: _gram_whole(part, mode)))
+    return serial_chunks([t], axis, lambda part: _gram_whole(part, mode), summed=True)[0]
 
 
 def trace(g: tf.Tensor) -> tf.Tensor:

@@ -22,7 +22,7 @@ import math
 import tensorflow as tf
 
 from converter import ops
-from converter.compression.factored import CHANNELS, Factored, expand_spatial, lift_channels, project_batch
+from converter.compression.factored import CHANNELS, Factored, batch_applied, lift_channels
 from converter.errors import ConversionError
 from converter.layers.base import ForwardContext, Node, after_saved, depend
 
@@ -85,13 +85,14 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
 def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad, tap_shape: tuple[int, int]) -> tf.Tensor:
     """Per kernel tap, ``tap_grad(window (N, K_C), dy (N, C_out)) -> tap_shape``, stacked to (KH, KW, *tap_shape).
 
-    ``dy`` is first projected on the batch factor and the core expanded over H and W, so the activation is
-    never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). Several taps run in a WHILE loop: unrolled,
-    the converter scheduled every tap's full-size window at once (measured: 9 × 5.7 MiB alive together on
-    MobileNetV2's last depthwise layer), while the loop keeps one window alive.
+    The batch factor is applied to ``dy`` or to the core, whichever it leaves smaller, and the core expanded over
+    H and W, so the activation is never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). Several taps
+    run in a WHILE loop: unrolled, the converter scheduled every tap's full-size window at once (measured:
+    9 × 5.7 MiB alive together on MobileNetV2's last depthwise layer), while the loop keeps one window alive.
     """
-    dy_b = ops.flatten_rows(project_batch(saved, dy))
-    zp = ops.pad_hw(expand_spatial(saved), cfg["pads"])
+    z, dy_b = batch_applied(saved, dy)
+    dy_b = ops.flatten_rows(dy_b)
+    zp = ops.pad_hw(z, cfg["pads"])
     kh, kw = cfg["kernel_hw"]
     if kh * kw == 1:
         g = tap_grad(ops.flatten_rows(ops.shifted_window(zp, 0, 0, cfg["out_hw"], cfg["strides"],
