@@ -7,6 +7,9 @@ Every method builds a per-layer object with ``compress(x) -> (Factored, update o
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TypeVar
+
+E = TypeVar("E", bound=StrEnum)
 
 
 class Method(StrEnum):
@@ -16,10 +19,15 @@ class Method(StrEnum):
     ASI = "asi"
 
 
+def parse_choice(kind: type[E], name: str, what: str) -> E:
+    """The member of ``kind`` called ``name``; an unknown name fails naming ``what`` and the allowed ones."""
+    try:
+        return kind(name)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise ValueError(f"unknown {what} {name!r}; choose one of: {allowed}") from None
+
+
 def parse_method(name: str) -> Method:
     """The method called ``name``; an unknown name fails listing the allowed ones."""
-    try:
-        return Method(name)
-    except ValueError:
-        allowed = ", ".join(m.value for m in Method)
-        raise ValueError(f"unknown compression method {name!r}; choose one of: {allowed}") from None
+    return parse_choice(Method, name, "compression method")

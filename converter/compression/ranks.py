@@ -8,6 +8,8 @@ from enum import StrEnum
 import numpy as np
 import tensorflow as tf
 
+from converter.compression import parse_choice
+
 
 class EpsRule(StrEnum):
     """Which energy ε is a share of.
@@ -29,11 +31,7 @@ LEADING = {EpsRule.ENERGY: 0, EpsRule.CENTRED: 1}
 
 def parse_eps_rule(name: str) -> EpsRule:
     """The rule called ``name``; an unknown name fails listing the allowed ones."""
-    try:
-        return EpsRule(name)
-    except ValueError:
-        allowed = ", ".join(r.value for r in EpsRule)
-        raise ValueError(f"unknown ε rule {name!r}; choose one of: {allowed}") from None
+    return parse_choice(EpsRule, name, "ε rule")
 
 
 def rank_from_energy(sigma2: np.ndarray, eps: float, rule: EpsRule = EpsRule.ENERGY) -> int:

@@ -9,13 +9,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from ai_edge_litert.interpreter import Interpreter
 
 from converter.cli import main
 from converter.compression.hosvd import hosvd, max_ranks
 from converter.compression.ranks import EpsRule, eps_mask, rank_from_energy, unfolding
 from converter.compression.subspace import start_matrix
 from hosvd_contract import Manifest, load_manifest
+from tests.converter.builtin import run_builtin
 from tests.converter.fidelity import BATCH, digits, pretrained
 from tests.converter.test_convert import small_cnn
 
@@ -93,13 +93,7 @@ def test_converted_graph_ranks_follow_the_centred_rule_on_real_activations():
         def decompose(t):
             return {"ranks": hosvd(t, 0.8, starts, 12, rule=rule)[1]}
 
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([decompose.get_concrete_function()], decompose)
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        interpreter = Interpreter(model_content=conv.convert())
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).tolist()
+        return run_builtin(decompose, x)[0].tolist()
 
     spectra = [np.linalg.svd(unfolding(x, m), compute_uv=False) ** 2 for m in range(4)]
     mean_share = np.linalg.norm(x.mean(0)) ** 2 * BATCH / np.linalg.norm(x) ** 2

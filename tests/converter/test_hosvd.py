@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from ai_edge_litert.interpreter import Interpreter
 
 from converter import ops
 from converter.compression.hosvd import hosvd, max_ranks
 from converter.compression.ranks import rank_from_energy
 from converter.compression.subspace import start_matrix
+from tests.converter.builtin import run_builtin
 
 SHAPE = (8, 6, 7, 10)
 PLANTED = (3, 2, 4, 2)
@@ -113,14 +113,7 @@ def test_hosvd_runs_identically_in_litert():
         factored, effective, _ = hosvd(t, 0.9, starts, 2)
         return {"core": factored.core, "ranks": effective}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([decompose.get_concrete_function()], decompose)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    interpreter = Interpreter(model_content=converter.convert())
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    out = {("ranks" if d["dtype"] == np.int32 else "core"): interpreter.get_tensor(d["index"])
-           for d in interpreter.get_output_details()}
+    out = {("ranks" if t.dtype == np.int32 else "core"): t for t in run_builtin(decompose, x)}
     expected = decompose(tf.constant(x))
     assert out["ranks"].tolist() == expected["ranks"].numpy().tolist()
     np.testing.assert_allclose(out["core"], expected["core"].numpy(), atol=1e-4 * np.abs(x).max())
