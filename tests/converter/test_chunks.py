@@ -1,0 +1,99 @@
+"""The train graph's sliced forward-pass work (``converter.ops.serial_chunks``) computes what the whole-tensor
+version computes, on the device runtime, and really runs in slices."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from converter import ops
+from converter.compression.factored import project
+from converter.compression.ranks import unfolding
+from converter.layers.base import pack_mask, pack_mask_by_rows
+from tests.converter.builtin import run_builtin
+
+SHAPE = (8, 12, 10, 24)  # 92 KiB: 16 KiB slices make 6 along the batch, 10 along the height
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 16 << 10)
+
+
+def relu_batch() -> np.ndarray:
+    return np.maximum(np.random.default_rng(3).standard_normal(SHAPE), 0).astype(np.float32)
+
+
+def test_chunk_bounds_cover_the_axis_in_bounded_slices(small_slices):
+    parts = ops.chunk_bounds(10, 100 << 10)
+    assert parts[0][0] == 0 and parts[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    assert len(parts) == 7  # ceil(100 / 16)
+    assert ops.chunk_bounds(3, 100 << 10) == [(0, 1), (1, 2), (2, 3)]  # at most one slice per index
+    assert ops.chunk_bounds(10, 1 << 10) == [(0, 10)]
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_sliced_gram_equals_the_unfolding_gram_on_litert(small_slices, mode):
+    x = relu_batch()
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
+    def gram(t):
+        return {"g": ops.gram(t, mode), "total": ops.trace(ops.gram(t, mode))}
+
+    outputs = {o.shape: o for o in run_builtin(gram, x)}
+    a = unfolding(x, mode)
+    np.testing.assert_allclose(outputs[(SHAPE[mode], SHAPE[mode])], a @ a.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(outputs[()], float((x.astype(np.float64) ** 2).sum()), rtol=1e-5)
+
+
+def test_sliced_projection_equals_the_whole_one():
+    x = relu_batch()
+    rng = np.random.default_rng(4)
+    factors = (None, None, tf.constant(rng.standard_normal((SHAPE[2], 3)), tf.float32),
+               tf.constant(rng.standard_normal((SHAPE[3], 5)), tf.float32))
+    whole = project(tf.constant(x), factors).core.numpy()
+    ops.CHUNK_BYTES, saved = 16 << 10, ops.CHUNK_BYTES
+    try:
+        sliced = project(tf.constant(x), factors).core.numpy()
+    finally:
+        ops.CHUNK_BYTES = saved
+    assert sliced.shape == (8, 12, 3, 5)
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_packed_by_slices_are_the_whole_mask_packed(small_slices):
+    x = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
+    def packed(t):
+        return {"mask": pack_mask_by_rows([t], lambda part: part > 0, int(np.prod(SHAPE[1:])))}
+
+    got = run_builtin(packed, x)[0]
+    expected = pack_mask(tf.constant(x > 0)).numpy()
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_slices_are_gathers_chained_one_after_another(small_slices):
+    """Six batch slices of the channel Gram: six GATHERs, each but the first reading indices computed from the
+    running sum (an ADD of the sum's first element's zero), not six independent slices of the input."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
+    def gram(t):
+        return {"g": ops.gram(t, 3)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([gram.get_concrete_function()], gram)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    model = schema.ModelT.InitFromPackedBuf(converter.convert(), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops_run = [names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in model.subgraphs[0].operators]
+    assert ops_run.count("GATHER") == 6
+    graph = model.subgraphs[0]
+    constant = {i for i, t in enumerate(graph.tensors) if model.buffers[t.buffer].data is not None}
+    gathers = [op for op, name in zip(graph.operators, ops_run, strict=True) if name == "GATHER"]
+    assert sum(op.inputs[1] in constant for op in gathers) == 1  # only the first slice's indices are constant
