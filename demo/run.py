@@ -106,8 +106,8 @@ SETTINGS: dict[str, Settings] = {
         learning_rate=3e-3,
         steps=150,
         fast_steps=40,
-        # ≥ 2 MiB from every need it decides on (measured, MiB): fit's hosvd last 6 201.6 and vanilla last 4 206.1,
-        # the device's plan for hosvd last 6 200.8 and for vanilla last 6 210.6 (see docs/demo.md)
+        # ≥ 2 MiB from every need it decides on (measured, MiB): fit's hosvd last 6 201.3 and vanilla last 4 206.2,
+        # the device's plan for hosvd last 6 199.6 and for vanilla last 6 209.8 (see docs/demo.md)
         ram_ceiling_mb=204,
         data="digits",
         fit_ceiling=True,
