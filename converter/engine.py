@@ -276,8 +276,7 @@ def after_dy(node: Node, saved, dy: tf.Tensor):
     input. A whole input that is not padded is left alone: the tie (``x + 0``) would be a full-size copy of it."""
     if not isinstance(saved, Factored):
         return saved
-    whole = all(u is None for u in saved.factors)
-    if whole and not any(p for pads in node.config.get("pads", ()) for p in pads):
+    if not saved.compressed and not any(p for pads in node.config.get("pads", ()) for p in pads):
         return saved
     return Factored(depend(saved.core, dy), tuple(None if u is None else depend(u, dy) for u in saved.factors))
 

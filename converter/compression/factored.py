@@ -31,6 +31,11 @@ class Factored(NamedTuple):
     def whole(cls, x: tf.Tensor) -> Factored:
         return cls(x, (None, None, None, None))
 
+    @property
+    def compressed(self) -> bool:
+        """True when some mode has a factor (not the vanilla form, the activation itself)."""
+        return any(u is not None for u in self.factors)
+
 
 def project(x: tf.Tensor, factors: tuple[tf.Tensor | None, ...]) -> Factored:
     """The Tucker form of ``x`` on given factors: ``core = x ×_n U_nᵀ`` for every factor that is not None.
@@ -48,7 +53,7 @@ def project(x: tf.Tensor, factors: tuple[tf.Tensor | None, ...]) -> Factored:
     # and transposed copies exist at a time; the later ones work on the shrunk core
     axis = max((a for a in range(4) if a != first), key=lambda a: x.shape[a])
     parts = ops.serial_chunks([x], axis, lambda part: ops.mode_dot(part, u, first, project=True))
-    core = parts[0] if len(parts) == 1 else tf.concat(parts, axis)
+    core = tf.concat(parts, axis)  # one part: an identity, dropped by the converter
     for mode, u in present[1:]:
         core = ops.mode_dot(core, u, mode, project=True)
     return Factored(core, tuple(factors))

@@ -62,7 +62,7 @@ def after_saved(weight: tf.Tensor, saved: Factored | None) -> tf.Tensor:
     op runs after the compression: the compression's workspace and the layer's full-size output are never alive
     together, and the output's consumers cannot pull the compression into the backward pass. A tie through the
     small weight costs nothing; one through the output (``y + 0``) made a full-size copy of it."""
-    if isinstance(saved, Factored) and any(u is not None for u in saved.factors):
+    if isinstance(saved, Factored) and saved.compressed:
         return depend(weight, saved.core)
     return weight
 
@@ -91,7 +91,7 @@ def pack_mask_by_rows(inputs: list[tf.Tensor], mask_of: Callable[..., tf.Tensor]
     batch = inputs[0].shape[0]
     parts = None if row_elements % 8 == 0 else [(0, batch)]
     packed = serial_chunks(inputs, 0, lambda *rows: pack_mask(mask_of(*rows)), parts)
-    return packed[0] if len(packed) == 1 else tf.concat(packed, 0)
+    return tf.concat(packed, 0)  # one part: an identity, dropped by the converter
 
 
 _BITS_OF = np.array([[(code >> k) & 1 for k in range(8)] for code in range(256)], bool)  # byte -> its 8 bits
