@@ -24,15 +24,6 @@ from converter.compression.subspace import WarmBases, orthonormalize
 log = logging.getLogger(__name__)
 
 
-def gram_times(x: tf.Tensor, mode: int, v: tf.Tensor) -> tf.Tensor:
-    """``X_(n) X_(n)ᵀ v`` without forming the Gram matrix: two thin matmuls."""
-    if mode == 3:
-        flat = tf.reshape(x, [-1, x.shape[3]])
-        return tf.matmul(flat, tf.matmul(flat, v), transpose_a=True)
-    a = ops.unfold(x, mode)
-    return tf.matmul(a, tf.matmul(a, v, transpose_a=True))
-
-
 def ranks_at(spectra: list[np.ndarray | None], eps: float, max_rank: int,
              rule: EpsRule = EpsRule.ENERGY) -> list[int | None]:
     """Per-mode ε-rank under ``rule`` capped at ``max_rank``; ``None`` spectra (whole modes) stay ``None``."""
@@ -150,7 +141,7 @@ class Asi:
         factors: list[tf.Tensor | None] = [None] * len(self.shape)
         updates = []
         for mode in self.warm.bases:
-            factors[mode] = orthonormalize(gram_times(x, mode, self.warm.start(mode)))
+            factors[mode] = orthonormalize(ops.gram_times(x, mode, self.warm.start(mode)))
             updates.append(self.warm.update(mode, factors[mode]))
         return project(x, tuple(factors)), updates
 

@@ -8,6 +8,8 @@ written with MATMUL, SUM, SQRT, DIV, CONCATENATION, TOPK_V2 and GATHER. Ranks ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -53,21 +55,23 @@ def orthonormalize(y: tf.Tensor) -> tf.Tensor:
     return tf.reshape(q, [size, rank])
 
 
-def leading_eigvecs(g: tf.Tensor, start: np.ndarray, iters: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Approximate top eigenpairs of a symmetric PSD matrix ``g`` (I, I) by subspace iteration.
+def leading_eigvecs(times: Callable[[tf.Tensor], tf.Tensor], start: np.ndarray | tf.Tensor,
+                    iters: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Approximate top eigenpairs of a symmetric PSD matrix G (I, I) by subspace iteration.
 
     Args:
-        g: the Gram matrix.
+        times: ``v -> G v`` for a thin (I, R) ``v``: a product with G, or with the unfolding twice when G itself
+            would be large (:func:`converter.ops.gram_times`).
         start: (I, R) start matrix (or a warm-start basis).
-        iters: multiplications by ``g``; each sharpens the basis by the eigenvalue ratio.
+        iters: multiplications by G; each sharpens the basis by the eigenvalue ratio.
 
     Returns:
         ``(q, lam)``: (I, R) orthonormal columns sorted by decreasing Rayleigh quotient ``lam`` (R,).
     """
     q = tf.constant(start) if isinstance(start, np.ndarray) else start
     for _ in range(iters):
-        q = orthonormalize(tf.matmul(g, q))
-    lam = tf.reduce_sum(q * tf.matmul(g, q), axis=0)
+        q = orthonormalize(times(q))
+    lam = tf.reduce_sum(q * times(q), axis=0)
     lam, order = tf.math.top_k(lam, k=q.shape[1])
     return tf.gather(q, order, axis=1), lam
 

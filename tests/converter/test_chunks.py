@@ -8,12 +8,14 @@ import itertools
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.lite.python import schema_py_generated as schema
 
 from converter import ops
 from converter.compression.factored import project
+from converter.compression.hosvd import Hosvd, implicit_gram
 from converter.compression.ranks import unfolding
 from converter.layers.base import pack_mask, pack_mask_by_rows
-from tests.converter.builtin import run_builtin
+from tests.converter.builtin import convert_builtin, run_builtin
 
 SHAPE = (8, 12, 10, 24)  # 92 KiB: 16 KiB slices make 6 along the batch, 10 along the height
 
@@ -50,6 +52,37 @@ def test_sliced_gram_equals_the_unfolding_gram_on_litert(small_slices, mode):
     np.testing.assert_allclose(outputs[()], float((x.astype(np.float64) ** 2).sum()), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_sliced_gram_times_equals_the_gram_times_the_basis_on_litert(small_slices, mode):
+    x = relu_batch()
+    v = np.random.default_rng(6).standard_normal((SHAPE[mode], 3)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
+    def gram_times(t):
+        return {"gv": ops.gram_times(t, mode, tf.constant(v))}
+
+    a = unfolding(x, mode)
+    np.testing.assert_allclose(run_builtin(gram_times, x)[0], a @ (a.T @ v), rtol=1e-4, atol=1e-3)
+
+
+def test_wide_channel_modes_never_make_their_gram_matrix():
+    """At 256 channels and rank 8 + 4 the channel mode multiplies by the unfolding twice (no 256 × 256 tensor
+    in the graph); the batch mode (its Gram is cheaper than its products) and the spatial modes make theirs."""
+    shape = (4, 5, 5, 256)
+    assert implicit_gram(shape, 3, 12, 1) and not implicit_gram(shape, 0, 3, 3)
+    assert not implicit_gram(shape, 1, 3, 1) and not implicit_gram((4, 5, 5, 24), 3, 12, 1)
+    compressor = Hosvd(shape, 0.8, [3, 3, 3, 8], 1, oversample=4, warm=False)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], autograph=False)
+    def compress(t):
+        return {"core": compressor.compress(t)[0].core}
+
+    graph = schema.ModelT.InitFromPackedBuf(convert_builtin(compress), 0).subgraphs[0]
+    shapes = {tuple(t.shape) for t in graph.tensors if t.shape is not None}
+    assert (256, 256) not in shapes
+    assert {(4, 4), (5, 5)} <= shapes
+
+
 def test_sliced_projection_equals_the_whole_one():
     x = relu_batch()
     rng = np.random.default_rng(4)
@@ -81,15 +114,11 @@ def test_masks_packed_by_slices_are_the_whole_mask_packed(small_slices):
 def test_the_slices_are_gathers_chained_one_after_another(small_slices):
     """Six batch slices of the channel Gram: six GATHERs, each but the first reading indices computed from the
     running sum (an ADD of the sum's first element's zero), not six independent slices of the input."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
     @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32)], autograph=False)
     def gram(t):
         return {"g": ops.gram(t, 3)}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([gram.get_concrete_function()], gram)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    model = schema.ModelT.InitFromPackedBuf(converter.convert(), 0)
+    model = schema.ModelT.InitFromPackedBuf(convert_builtin(gram), 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     ops_run = [names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in model.subgraphs[0].operators]
     assert ops_run.count("GATHER") == 6
