@@ -22,6 +22,9 @@ from device_app.runtime import check_signature_inputs, load_interpreter
 from hosvd_contract import MODEL_FILE, BundleError, Manifest, Sig, load_manifest
 
 EVAL_BATCH = 64
+PREFIX_CHUNK_BYTES = 2 << 20
+"""Raw windows (float32) held at once while the prefix computes features ahead of training: the whole batch of
+32 images at 224² (18.4 MiB) was the largest thing alive in that phase, above the train step's own peak."""
 
 
 class InputError(ValueError):
@@ -147,6 +150,12 @@ class Bundle:
         """
         with self.prefix(micro_batch) as run:
             return run(x)
+
+    def prefix_chunk(self, micro_batch: int) -> int:
+        """Windows to read and push through the prefix at once: a multiple of ``micro_batch`` whose float32 raw
+        windows take at most :data:`PREFIX_CHUNK_BYTES` (one micro-batch when that alone is larger)."""
+        window = 4 * int(np.prod(self.manifest.input.shape))
+        return micro_batch * max(1, PREFIX_CHUNK_BYTES // (window * micro_batch))
 
     @contextmanager
     def prefix(self, micro_batch: int) -> Iterator[Callable[[np.ndarray], np.ndarray]]:

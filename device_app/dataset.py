@@ -102,9 +102,10 @@ class BatchReader:
 
     def prefetch(self, ids: np.ndarray, chunk: int) -> None:
         """Compute and cache the prefix features of every window of ``ids`` not cached yet, ``chunk`` windows at a
-        time, on one prefix interpreter that is gone when this returns: a streamed run does this before its
-        first train step, so the prefix's memory never adds to the train step's arena (docs/bench.md, "What the
-        device runtime holds"). Stops early (caching off, with a warning) when the disk is full; windows
+        time (:meth:`~device_app.bundle.Bundle.prefix_chunk`: a whole batch of raw images was the largest thing
+        alive here), on one prefix interpreter that is gone when this returns: a streamed run does this before
+        its first train step, so the prefix's memory never adds to the train step's arena (docs/bench.md, "What
+        the device runtime holds"). Stops early (caching off, with a warning) when the disk is full; windows
         missed are then computed as they are drawn."""
         if not self.cache:
             return

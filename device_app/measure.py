@@ -8,10 +8,10 @@ training child does (:class:`~device_app.bundle.Bundle` for that mode), runs ``-
 
 ``base`` is right after loading (before any signature ran), ``peak`` the process's high-water mark (VmHWM),
 ``anon`` the anonymous resident memory after the steps (the arena never shrinks, so it is the anonymous peak too).
-A ``streamed`` run computes the batch's prefix features first (a prefix interpreter freed afterwards), then steps
-``train_features`` on them, as the training loop does with its feature cache (:meth:`device_app.dataset.
-BatchReader.prefetch`). The converter records these in the manifest's memory plan; it imports nothing of
-TensorFlow.
+A ``streamed`` run computes the batch's prefix features first, a few windows at a time on a prefix interpreter freed
+afterwards, then steps ``train_features`` on them, as the training loop does with its feature cache
+(:meth:`device_app.dataset.BatchReader.prefetch`). The converter records these in the manifest's memory plan;
+it imports nothing of TensorFlow.
 """
 
 from __future__ import annotations
@@ -38,19 +38,33 @@ def sample_batch(manifest: Manifest, batch: int, rng: np.random.Generator) -> tu
     return x, rng.random((batch, *manifest.output_shape), dtype=np.float32)
 
 
+def streamed_features(bundle: Bundle, batch: int, micro_batch: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix features and labels of a seeded batch, the raw windows made and pushed through the prefix
+    :meth:`~device_app.bundle.Bundle.prefix_chunk` at a time, as the training loop's prefetch reads them from
+    the store (:meth:`device_app.dataset.BatchReader.prefetch`)."""
+    chunk = bundle.prefix_chunk(micro_batch)
+    parts, labels = [], []
+    with bundle.prefix(micro_batch) as features:
+        for start in range(0, batch, chunk):
+            x, y = sample_batch(bundle.manifest, min(chunk, batch - start), rng)
+            parts.append(features(x))
+            labels.append(y)
+    return np.concatenate(parts), np.concatenate(labels)
+
+
 def measure_steps(bundle_dir: str | Path, batch_size: int, mode: str, micro_batch: int, steps: int = 1,
                   threads: int = 2, seed: int = 0) -> dict[str, object]:
     """Load the bundle, run ``steps`` train steps, and return the memory figures (bytes)."""
     bundle = Bundle(bundle_dir, threads, mode)
     base, base_anon = rss_bytes(), anon_rss_bytes()
     rng = np.random.default_rng(seed)
-    x, y = sample_batch(bundle.manifest, batch_size, rng)
     if mode == "streamed":  # as the training loop does: every window's features first (cached), then the steps
-        features = bundle.features(x, micro_batch)
-        del x  # the loop holds no raw windows then either
+        features, y = streamed_features(bundle, batch_size, micro_batch, rng)
         for _ in range(steps):
             train_step_on_features(bundle, features, y)
     else:
+        x, y = sample_batch(bundle.manifest, batch_size, rng)
         for _ in range(steps):
             train_step(bundle, x, y, mode, micro_batch)
     return {"base_rss_bytes": base, "peak_rss_bytes": peak_rss_bytes(), "base_anon_rss_bytes": base_anon,

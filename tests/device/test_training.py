@@ -7,12 +7,14 @@ import dataclasses
 import shutil
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import class_signal
 
+from device_app import bundle as bundle_module
 from device_app import checkpoint
 from device_app.bundle import Bundle
 from device_app.cli import main
@@ -230,3 +232,36 @@ def test_a_streamed_run_caches_its_windows_features_before_the_first_step(tmp_pa
     whole_split = steps * plan.batch_size >= len(train)
     assert (result["features_computed"] == len(train) + len(val)) == whole_split, result["features_computed"]
     assert result["features_cached"] > 0
+
+
+def test_a_streamed_run_pushes_a_few_windows_at_a_time_through_the_prefix(tmp_path: Path, imu_bundle: Path,
+                                                                          imu_manifest: Manifest,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefetch reads and pushes :meth:`Bundle.prefix_chunk` windows at a time (a multiple of the
+    micro-batch within ``PREFIX_CHUNK_BYTES``), not a whole batch: the batch of raw 224² images was the largest
+    thing alive while the prefix ran."""
+    store = Store(tmp_path / "s.sqlite", val_fraction=0.25)
+    _fill(store, imu_manifest, 16)
+    bundle = Bundle(imu_bundle, 1, "streamed")
+    plan = choose_plan(imu_manifest, ceiling_mb=0, daemon_bytes=0, child_base_bytes=0, streamed_ok=True)
+    window = 4 * int(np.prod(imu_manifest.input.shape))
+    monkeypatch.setattr(bundle_module, "PREFIX_CHUNK_BYTES", 3 * plan.micro_batch * window + window // 2)
+    assert bundle.prefix_chunk(plan.micro_batch) == 3 * plan.micro_batch < plan.batch_size
+    monkeypatch.setattr(bundle_module, "PREFIX_CHUNK_BYTES", 1)  # one micro-batch is the least
+    assert bundle.prefix_chunk(plan.micro_batch) == plan.micro_batch
+    monkeypatch.setattr(bundle_module, "PREFIX_CHUNK_BYTES", 3 * plan.micro_batch * window)
+    sizes: list[int] = []
+    real_prefix = Bundle.prefix
+
+    @contextmanager
+    def recording(self: Bundle, micro_batch: int):
+        with real_prefix(self, micro_batch) as run:
+            yield lambda x: sizes.append(len(x)) or run(x)
+
+    monkeypatch.setattr(Bundle, "prefix", recording)
+    job = Job("train", str(imu_bundle), str(tmp_path / "s.sqlite"), str(tmp_path / "ck"), threads=1, plan=plan,
+              steps=40, checkpoint_every=100, feature_cache=True)
+    result = run_training(bundle, store, job, lambda e: None, threading.Event(), lambda: 1)
+    assert result["status"] == "ok"
+    assert sum(sizes) == result["features_computed"] > 3 * plan.micro_batch
+    assert max(sizes) == 3 * plan.micro_batch, sizes
