@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from converter import ops
 from converter.compression import Method
 from converter.compression.hosvd import Hosvd
 from converter.compression.svd import BatchSvd
@@ -69,9 +70,14 @@ def tflite_step(bundle, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict, float
     return before, after, loss
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize("builder", [every_layer_2d, every_layer_1d], ids=["2d", "1d"])
 @pytest.mark.parametrize("method", ["none", "svd", "hosvd"])
-def test_train_step_matches_gradient_tape(tmp_path, builder, method):
+def test_train_step_matches_gradient_tape(tmp_path, monkeypatch, builder, method, sliced):
+    """``sliced``: every chunked computation (weight gradients over batch rows, Grams, projections, masks) runs on
+    1 KiB slices, so the slices' sums are checked too (at these sizes they otherwise run whole)."""
+    if sliced:
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 1 << 10)
     model = builder()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((BATCH, *model.input_shape[1:])).astype(np.float32)
