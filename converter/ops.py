@@ -292,9 +292,9 @@ def _gram_whole(t: tf.Tensor, mode: int) -> tf.Tensor:
     b, h, w, c = t.shape
     if mode == 0:
         flat = tf.reshape(t, [b, -1])
-        return tf.matmul(flat, flat, transpose_b=True)
+        return matmul(flat, flat, transpose_b=True)  # as a FULLY_CONNECTED it ran on the built-in kernels
     if mode == 3:
         flat = tf.reshape(t, [-1, c])
-        return tf.matmul(flat, flat, transpose_a=True)
+        return matmul(flat, flat, transpose_a=True)
     rows = tf.reshape(t, [b, h, w * c]) if mode == 1 else tf.reshape(t, [b * h, w, c])
     return tf.reduce_sum(tf.matmul(rows, rows, transpose_b=True), axis=0)
