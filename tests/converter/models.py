@@ -45,6 +45,24 @@ def every_layer_2d(seed: int = 0) -> keras.Model:
     return model
 
 
+def zero_padded_2d(seed: int = 0) -> keras.Model:
+    """ZeroPadding2D before a stride-2 depthwise layer (MobileNetV2's downsampling blocks) and before a 'same' 3×3
+    conv (both folded into the convolution's padding), and one read by a conv and a residual Add (kept)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12, 12, 3))
+    h = layers.Conv2D(8, 1, activation="relu6", name="expand")(inp)
+    h = layers.ZeroPadding2D(((0, 1), (0, 1)), name="pad_s2")(h)
+    h = layers.DepthwiseConv2D(3, strides=2, padding="valid", name="depthwise_s2")(h)  # 13 -> 6
+    h = layers.ZeroPadding2D(((2, 1), (1, 2)), name="pad_same")(h)
+    h = layers.Conv2D(6, 3, padding="same", name="conv_padded_same")(h)  # 9 -> 9
+    shared = layers.ZeroPadding2D(1, name="pad_shared")(h)
+    h = layers.Conv2D(6, 3, padding="same", name="conv_after_shared")(shared)
+    h = layers.Add(name="residual")([h, shared])
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(4, activation="softmax", name="head")(h)
+    return keras.Model(inp, out, name="zero_padded_2d")
+
+
 def every_layer_1d(seed: int = 0) -> keras.Model:
     """Conv1D (causal dilated, stride-2 'valid'), AvgPool1D, MaxPool1D, Flatten, Dense: a sensor-window model."""
     keras.utils.set_random_seed(seed)

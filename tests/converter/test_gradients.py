@@ -20,7 +20,7 @@ from converter.graph import parse_model, split
 from converter.losses import Loss
 from converter.optimizers import OptimizerConfig, OptimizerName
 from hosvd_contract import MODEL_FILE
-from tests.converter.models import every_layer_1d, every_layer_2d, weighted_count
+from tests.converter.models import every_layer_1d, every_layer_2d, weighted_count, zero_padded_2d
 
 LR = 1.0  # large, so the weight delta is far above float32 rounding of the weights themselves
 BATCH = 4
@@ -71,7 +71,7 @@ def tflite_step(bundle, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict, float
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
-@pytest.mark.parametrize("builder", [every_layer_2d, every_layer_1d], ids=["2d", "1d"])
+@pytest.mark.parametrize("builder", [every_layer_2d, every_layer_1d, zero_padded_2d], ids=["2d", "1d", "padded"])
 @pytest.mark.parametrize("method", ["none", "svd", "hosvd"])
 def test_train_step_matches_gradient_tape(tmp_path, monkeypatch, builder, method, sliced):
     """``sliced``: every chunked computation (weight gradients over batch rows, Grams, projections, masks) runs on
@@ -120,3 +120,14 @@ def test_hosvd_below_one_compresses_and_stays_close(tmp_path):
     ref = reference[("conv_1x1", "kernel")]
     cosine = float(np.sum(step * ref) / (np.linalg.norm(step) * np.linalg.norm(ref)))
     assert 0.5 < cosine < 0.99999, f"cosine {cosine}: compressed gradient should be close but not exact"
+
+
+def test_zero_padding_read_by_one_convolution_is_part_of_its_padding():
+    graph = parse_model(zero_padded_2d())
+    kinds = {n.name: n for n in graph.nodes}
+    assert "pad_s2" not in kinds and "pad_same" not in kinds and "pad_shared" in kinds
+    depthwise, same = kinds["depthwise_s2"], kinds["conv_padded_same"]
+    assert depthwise.in_shapes == [(12, 12, 8)] and depthwise.config["pads"] == ((0, 1), (0, 1))
+    assert depthwise.config["out_hw"] == (6, 6)
+    assert same.in_shapes == [(6, 6, 8)] and same.config["pads"] == ((3, 2), (2, 3))  # its own 1 + the layer's
+    assert kinds["conv_after_shared"].in_shapes == [(11, 11, 6)]
