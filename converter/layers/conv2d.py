@@ -86,21 +86,11 @@ def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad, tap_sh
     """Per kernel tap, ``tap_grad(window (N, K_C), dy (N, C_out)) -> tap_shape``, stacked to (KH, KW, *tap_shape).
 
     The batch factor is applied to ``dy`` or to the core, whichever it leaves smaller, and the core expanded over
-    H and W, so the activation is never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). The gradient
-    is a sum over the batch rows, so it runs on ~2 MiB row slices of both, summed (:func:`converter.ops.
-    serial_chunks`): whole, the flattened ``dy`` (a RESHAPE copy, since the input gradient still reads ``dy``)
-    and the tap loop's pass-through copy of it were two more full-size ``dy`` at the peak of MobileNetV2 224²'s
-    last 20 layers (3 × 13.8 MiB at a 14×14×576 depthwise layer).
+    H and W, so the activation is never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). Several taps
+    run in a WHILE loop: unrolled, the converter scheduled every tap's full-size window at once (measured:
+    9 × 5.7 MiB alive together on MobileNetV2's last depthwise layer), while the loop keeps one window alive.
     """
     z, dy_b = batch_applied(saved, dy)
-    return ops.serial_chunks([z, dy_b], 0, lambda zc, dyc: _tap_grads(zc, dyc, cfg, tap_grad, tap_shape),
-                             summed=True)[0]
-
-
-def _tap_grads(z: tf.Tensor, dy_b: tf.Tensor, cfg: dict, tap_grad, tap_shape: tuple[int, int]) -> tf.Tensor:
-    """:func:`weight_grad_taps` on rows of the expanded core ``z`` and of ``dy_b``. Several taps run in a WHILE
-    loop: unrolled, the converter scheduled every tap's full-size window at once (measured: 9 × 5.7 MiB alive
-    together on MobileNetV2's last depthwise layer), while the loop keeps one window alive."""
     dy_b = ops.flatten_rows(dy_b)
     zp = ops.pad_hw(z, cfg["pads"])
     kh, kw = cfg["kernel_hw"]
