@@ -74,7 +74,7 @@ def tflite_step(bundle, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict, float
 @pytest.mark.parametrize("builder", [every_layer_2d, every_layer_1d, zero_padded_2d], ids=["2d", "1d", "padded"])
 @pytest.mark.parametrize("method", ["none", "svd", "hosvd"])
 def test_train_step_matches_gradient_tape(tmp_path, monkeypatch, builder, method, sliced):
-    """``sliced``: every chunked computation (weight gradients over batch rows, Grams, projections, masks) runs on
+    """``sliced``: every chunked computation (Grams and their products, projections, masks) runs on
     1 KiB slices, so the slices' sums are checked too (at these sizes they otherwise run whole)."""
     if sliced:
         monkeypatch.setattr(ops, "CHUNK_BYTES", 1 << 10)
