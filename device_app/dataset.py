@@ -100,8 +100,8 @@ class BatchReader:
                 self.cache = False
         return dict(zip(missing, computed, strict=True))
 
-    def prefetch(self, ids: np.ndarray, chunk: int) -> None:
-        """Compute and cache the prefix features of every window of ``ids`` not cached yet, ``chunk`` windows at a
+    def prefetch(self, ids: np.ndarray) -> None:
+        """Compute and cache the prefix features of every window of ``ids`` not cached yet, a few windows at a
         time (:meth:`~device_app.bundle.Bundle.prefix_chunk`: a whole batch of raw images was the largest thing
         alive here), on one prefix interpreter that is gone when this returns: a streamed run does this before
         its first train step, so the prefix's memory never adds to the train step's arena (docs/bench.md, "What
@@ -110,6 +110,7 @@ class BatchReader:
         if not self.cache:
             return
         sha = self.bundle.sha256
+        chunk = self.bundle.prefix_chunk(self.micro_batch)
         with self.bundle.prefix(self.micro_batch) as features:
             for start in range(0, len(ids), chunk):
                 part = ids[start:start + chunk]

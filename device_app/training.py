@@ -116,7 +116,7 @@ def run_training(bundle: Bundle, store: Store, job: Job, emit: Emit, stop: StopF
             drawn = [next(batch_iter) for _ in range(job.steps)]
             used = np.unique(train.ids[np.concatenate(drawn)]) if drawn else train.ids[:0]
             batch_iter = iter(drawn)
-        reader.prefetch(np.concatenate([used, val.ids]), bundle.prefix_chunk(plan.micro_batch))
+        reader.prefetch(np.concatenate([used, val.ids]))
     eval_batch = job.eval_batch or plan.batch_size
     val_before = reader.evaluate(val, eval_batch)
     start_weights = good = bundle.get_weights()
