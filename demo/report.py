@@ -137,8 +137,11 @@ def ceiling_lines(ceiling: dict[str, Any] | None) -> list[str]:
     if not ceiling:
         return []
     hosvd, vanilla, refused = ceiling["hosvd"], ceiling["vanilla"], ceiling["vanilla_refused"]
-    of = ceiling["max_train_last"]
+    of, full = ceiling["max_train_last"], ceiling["full_depth_need_mib"]
     return [
+        f"The device holds {ceiling['device_base_mb']:g} MiB besides the training step (its planner's refusal under "
+        f"a 1 MiB ceiling); all {of} weighted layers need {full['hosvd']:.1f} MiB with hosvd, {full['vanilla']:.1f} "
+        f"MiB vanilla: the ceiling is set between them",
         f"RAM ceiling {ceiling['ram_ceiling_mb']:g} MiB (fit counts device base {ceiling['device_base_mb']:g} + "
         f"margin {ceiling['margin_mb']:g} MiB): hosvd trains the last {hosvd['train_last']} of {of} weighted "
         f"layers (needs {hosvd['need_mib']:.1f} MiB), vanilla the last {vanilla['train_last']} "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from demo import datasets, models, scenario
+from demo import ceiling, datasets, models, scenario
 from demo.broker import BrokerAddress, embedded_broker
 from demo.device import device_process, write_config
 from demo.mqtt_client import DeviceClient, DeviceError
@@ -51,8 +51,7 @@ class Settings:
     fast_steps: int
     ram_ceiling_mb: int
     data: datasets.DatasetName | None = None  # the data set, when the demo's name is not one
-    fit_ceiling: bool = False  # choose the depth with ``hosvd-convert fit`` (the ceiling binds), not train_last
-    device_base_mb: float = 48.0  # fit: what the device holds besides the training step (its refusal names it)
+    fit_ceiling: bool = False  # choose the ceiling on the device and the depth with ``fit`` (demo.ceiling)
     bench_only: bool = False  # a benchmark data set without a sampling rate for the device's CSV replay
 
 
@@ -106,14 +105,9 @@ SETTINGS: dict[str, Settings] = {
         learning_rate=3e-3,
         steps=150,
         fast_steps=40,
-        # ≥ 2 MiB from every need it decides on (measured, MiB): fit's hosvd last 6 201.3 and vanilla last 4 206.2,
-        # the device's plan for hosvd last 6 199.6 and for vanilla last 6 209.8 (see docs/demo.md)
-        ram_ceiling_mb=204,
+        ram_ceiling_mb=0,  # chosen on this device between hosvd's and vanilla's needs (demo.ceiling)
         data="digits",
         fit_ceiling=True,
-        # what the device's planner named for these bundles (daemon 47, evaluation arena, data buffers,
-        # bundle-loaded RSS above the converter's: 77.5 MiB), rounded up
-        device_base_mb=78.0,
     ),
     # the two benchmark sensor sets (bench.suite's accuracy suite) share one fine-tuning recipe
     "japanesevowels": _BENCH_SENSOR_SET,
@@ -229,61 +223,6 @@ def convert_bundle(model: Any, data: Scenario, settings: Settings, bundle_dir: P
     )
 
 
-@dataclass(frozen=True)
-class CeilingFit:
-    """What ``fit`` found under the demo's ceiling, and the vanilla bundle the device is to refuse.
-
-    Attributes:
-        hosvd, vanilla: the searches (``converter.fit.FitResult``) for ``hosvd`` and ``none``.
-        refused_bundle: name of the vanilla bundle one layer deeper than vanilla fits (or at hosvd's depth when
-            hosvd trains deeper), in the bundles directory.
-        refused: its measured candidate (``converter.fit.Candidate``).
-    """
-
-    hosvd: Any
-    vanilla: Any
-    refused_bundle: str
-    refused: Any
-
-
-def fit_bundles(model: Any, data: Scenario, settings: Settings, bundles_dir: Path, name: str) -> CeilingFit:
-    """Run ``fit`` for ``hosvd`` and for ``none`` under the ceiling, and keep the vanilla bundle that does not fit.
-
-    Raises:
-        ValueError: the ceiling does not bind (vanilla trains every layer), so there is nothing to refuse.
-    """
-    from converter.fit import MIB, fit, measure_candidate
-
-    work = bundles_dir.parent / "fit-candidates"
-    options = bundle_options(data, settings)
-    common: dict[str, Any] = dict(
-        ram_ceiling_mb=settings.ram_ceiling_mb,
-        batch_size=settings.batch_size,
-        device_base_mb=settings.device_base_mb,
-        on_candidate=lambda c: log.info(
-            "fit %s: last %d layers need %.1f MiB (%s)", c.method, c.train_last, c.need_mib,
-            "fits" if c.fits else "too big"
-        ),
-        **options,
-    )
-    hosvd = fit(model, bundles_dir / f"{name}-hosvd", method="hosvd", **common)
-    vanilla = fit(model, work / "none-chosen", method="none", candidates_dir=work / "none", **common)
-    depth = max(hosvd.chosen.train_last, vanilla.chosen.train_last + 1)
-    if depth > vanilla.max_train_last:
-        raise ValueError(f"ram_ceiling_mb {settings.ram_ceiling_mb} does not bind: vanilla trains every layer")
-    refused = next((c for c in vanilla.candidates if c.train_last == depth), None)
-    target = bundles_dir / f"{name}-none-last{depth}"
-    shutil.rmtree(target, ignore_errors=True)
-    if refused is None:  # hosvd trains deeper than the vanilla search looked: convert that one too
-        extra = int((vanilla.device_base_mb + vanilla.margin_mb) * MIB)
-        refused = measure_candidate(model, target, "none", depth, int(settings.ram_ceiling_mb * MIB), extra,
-                                    batch_sizes=[settings.batch_size], epsilon=0.8, **options)
-    else:
-        shutil.move(str(work / "none" / f"none-{depth}"), target)
-    shutil.rmtree(work, ignore_errors=True)
-    return CeilingFit(hosvd, vanilla, target.name, refused)
-
-
 def saved_activation_mib(manifest: Any) -> tuple[float, float]:
     """``(compressed, vanilla)`` saved-activation MiB over the trainable layers (the paper's formula)."""
     layers = [layer for layer in manifest.layers if layer.trainable]
@@ -294,7 +233,8 @@ def saved_activation_mib(manifest: Any) -> tuple[float, float]:
 
 
 def device_config(
-    out: Path, broker: BrokerAddress, protocol: str, bundle_name: str, settings: Settings, steps: int
+    out: Path, broker: BrokerAddress, protocol: str, bundle_name: str, settings: Settings, steps: int,
+    ram_ceiling_mb: int,
 ) -> dict[str, dict[str, Any]]:
     """The device's config sections (see ``docs/device.md`` for every key); sources are added separately."""
     return {
@@ -303,7 +243,7 @@ def device_config(
         "model": {"bundle": bundle_name, "bundles_dir": str(out / "bundles"), "threads": 2},
         "store": {"val_fraction": VAL_FRACTION},
         "training": {
-            "ram_ceiling_mb": settings.ram_ceiling_mb,
+            "ram_ceiling_mb": ram_ceiling_mb,
             "batch_size": settings.batch_size,
             "steps": steps,
             "progress_every": max(1, steps // 30),
@@ -413,6 +353,52 @@ def _state(payload: Any) -> str | None:
     return payload.get("state") if isinstance(payload, dict) else None
 
 
+class DeviceSession:
+    """Starts the device daemon with the demo's config and recordings; several runs share its state directory
+    (the CSV replay resumes where it stopped, so a second run stores no window twice)."""
+
+    def __init__(self, out: Path, broker: BrokerAddress, protocol: str, settings: Settings, steps: int,
+                 sources: list[dict[str, Any]], windows: int) -> None:
+        self.out, self.broker, self.protocol = out, broker, protocol
+        self.settings, self.steps, self.sources, self.windows = settings, steps, sources, windows
+
+    @contextlib.contextmanager
+    def running(self, bundle: str, ram_ceiling_mb: int, name: str = "device"
+                ) -> Iterator[tuple[DeviceClient, dict[str, Any], Path]]:
+        """The daemon with ``bundle`` under ``ram_ceiling_mb``, idle with every recording stored.
+
+        Yields:
+            ``(client, status, config path)``; the config and log are ``device/<name>.toml`` and ``.log``.
+        """
+        sections = device_config(self.out, self.broker, self.protocol, bundle, self.settings, self.steps,
+                                 ram_ceiling_mb)
+        config_path = write_config(self.out / "device" / f"{name}.toml", sections, self.sources)
+        with DeviceClient(self.broker, DEVICE_ID, BASE_TOPIC, self.protocol) as client, \
+                device_process(config_path, self.out / "device" / f"{name}.log"):
+            client.wait_for_state({"idle", "collecting"}, timeout_s=120, live=True)
+            status = wait_for_windows(client, expected=self.windows, timeout_s=120)
+            yield client, status, config_path
+
+
+def fit_on_device(model: Any, data: Scenario, settings: Settings, bundles_dir: Path, name: str,
+                  device: DeviceSession, timer: Timer) -> ceiling.CeilingFit:
+    """Choose the ceiling from what this device needs for both methods at full depth, then fit under it
+    (see :mod:`demo.ceiling`)."""
+    options = bundle_options(data, settings)
+    with timer.stage("full depth"):
+        full = ceiling.measure_full_depth(model, options, settings.batch_size, bundles_dir, name)
+    with timer.stage("device base"):
+        with device.running(full.vanilla_bundle, ceiling.PROBE_CEILING_MB, name="device-probe") as (client, _, _):
+            base = ceiling.device_base(client.refusal("train", {"steps": device.steps}, timeout_s=120))
+        log.info("The device holds %.0f MiB besides the training step (margin %.0f MiB)", base.base_mb,
+                 base.margin_mb)
+    with timer.stage("fit"):
+        fitted = ceiling.fit_bundles(model, options, settings.batch_size, bundles_dir, name, full, base)
+    log.info("RAM ceiling %d MiB: hosvd trains the last %d layers, vanilla the last %d", fitted.ceiling_mb,
+             fitted.hosvd.chosen.train_last, fitted.vanilla.chosen.train_last)
+    return fitted
+
+
 def run(options: Options) -> Summary:
     """Run the whole demo and return its summary (also written to ``<out>/demo-summary.json``)."""
     settings = SETTINGS[options.dataset]
@@ -429,19 +415,6 @@ def run(options: Options) -> Summary:
         log.info("Factory model on the held-out recordings: %.1f%% as recorded", 100 * factory_acc)
     bundle_name = f"{options.dataset}-hosvd"
     bundle_dir = out / "bundles" / bundle_name
-    ceiling: CeilingFit | None = None
-    if settings.fit_ceiling:
-        with timer.stage("fit"):
-            ceiling = fit_bundles(model, data, settings, out / "bundles", options.dataset)
-        manifest = ceiling.hosvd.manifest
-    else:
-        with timer.stage("convert"):
-            manifest = convert_bundle(model, data, settings, bundle_dir)
-    saved, saved_vanilla = saved_activation_mib(manifest)
-
-    with timer.stage("accuracy before"):
-        before = evaluate_bundle(bundle_dir, None, data.user_holdout.x, data.user_holdout.y)
-
     state_dir = out / "device" / "state"
     shutil.rmtree(state_dir, ignore_errors=True)  # a fresh device every run: empty store, no checkpoints
     user = data.user_train
@@ -452,19 +425,26 @@ def run(options: Options) -> Summary:
                 broker, protocol = stack.enter_context(embedded_broker()), "3.1.1"
             else:
                 broker, protocol = options.broker, "5"
-        first_bundle = ceiling.refused_bundle if ceiling is not None else bundle_name
-        sections = device_config(out, broker, protocol, first_bundle, settings, steps)
-        config_path = write_config(out / "device" / "device.toml", sections, sources)
+        device = DeviceSession(out, broker, protocol, settings, steps, sources, len(user))
+        fitted: ceiling.CeilingFit | None = None
+        if settings.fit_ceiling:
+            fitted = fit_on_device(model, data, settings, out / "bundles", options.dataset, device, timer)
+            manifest, ram_ceiling_mb = fitted.hosvd.manifest, fitted.ceiling_mb
+        else:
+            with timer.stage("convert"):
+                manifest, ram_ceiling_mb = convert_bundle(model, data, settings, bundle_dir), settings.ram_ceiling_mb
+        saved, saved_vanilla = saved_activation_mib(manifest)
+        with timer.stage("accuracy before"):
+            before = evaluate_bundle(bundle_dir, None, data.user_holdout.x, data.user_holdout.y)
+
+        first_bundle = fitted.refused_bundle if fitted is not None else bundle_name
         with timer.stage("device start"):
-            client = stack.enter_context(DeviceClient(broker, DEVICE_ID, BASE_TOPIC, protocol))
-            stack.enter_context(device_process(config_path, out / "device" / "device.log"))
-            client.wait_for_state({"idle", "collecting"}, timeout_s=120, live=True)
-            status = wait_for_windows(client, expected=len(user), timeout_s=120)
+            client, status, config_path = stack.enter_context(device.running(first_bundle, ram_ceiling_mb))
         refusal = None
-        if ceiling is not None:
+        if fitted is not None:
             with timer.stage("vanilla refused"):
                 refusal = client.refusal("train", {"steps": steps}, timeout_s=120)
-                log.info("The device refused the vanilla bundle %s: %s", ceiling.refused_bundle, refusal)
+                log.info("The device refused the vanilla bundle %s: %s", fitted.refused_bundle, refusal)
                 client.request("reload", {"bundle": bundle_name}, timeout_s=120)
         with timer.stage("device training"):
             progress, report = train_over_mqtt(client, steps, options.progress_bar, timeout_s=600)
@@ -484,7 +464,7 @@ def run(options: Options) -> Summary:
         accuracy_after=after,
         peak_rss_mib=peak,
         daemon_rss_mib=float(daemon_rss) if daemon_rss is not None else None,
-        ram_ceiling_mib=float(settings.ram_ceiling_mb),
+        ram_ceiling_mib=float(ram_ceiling_mb),
         saved_activation_mib=saved,
         saved_activation_mib_vanilla=saved_vanilla,
         factory_accuracy=factory_acc,
@@ -509,39 +489,12 @@ def run(options: Options) -> Summary:
         device_report=report,
         device_evaluate=device_eval,
         progress=progress,
-        ceiling=None if ceiling is None else ceiling_summary(ceiling, refusal, peak, status.get("daemon_rss_mb")),
+        ceiling=None if fitted is None else ceiling.ceiling_summary(fitted, refusal, peak, status.get("daemon_rss_mb")),
     )
     plot_report(summary, out / REPORT_FILE)
     write_summary(summary, out)
     log.debug("Settings: %s", asdict(settings))
     return summary
-
-
-def ceiling_summary(ceiling: CeilingFit, refusal: str | None, peak_mib: float | None,
-                    daemon_mib: Any) -> dict[str, Any]:
-    """The summary's ``ceiling`` part: what each method could train under it, what vanilla needed, what hosvd
-    used on the device."""
-
-    def searched(result: Any) -> dict[str, Any]:
-        c = result.chosen
-        return {"train_last": c.train_last, "need_mib": round(c.need_mib, 1), "measured_peak_mib": round(c.peak_mib, 1),
-                "saved_allocated_mib": round(c.saved_bytes_allocated / MIB, 2),
-                "candidates": [(x.train_last, round(x.need_mib, 1), x.fits) for x in result.candidates]}
-
-    hosvd_used = None if peak_mib is None or daemon_mib is None else round(peak_mib + float(daemon_mib), 1)
-    return {
-        "ram_ceiling_mb": ceiling.hosvd.ceiling_mb,
-        "device_base_mb": ceiling.hosvd.device_base_mb,
-        "margin_mb": ceiling.hosvd.margin_mb,
-        "max_train_last": ceiling.hosvd.max_train_last,
-        "hosvd": searched(ceiling.hosvd),
-        "vanilla": searched(ceiling.vanilla),
-        "vanilla_refused": {"bundle": ceiling.refused_bundle, "train_last": ceiling.refused.train_last,
-                            "need_mib": round(ceiling.refused.need_mib, 1),
-                            "measured_peak_mib": round(ceiling.refused.peak_mib, 1), "device_message": refusal},
-        "hosvd_used_mib": hosvd_used,
-        "fit_seconds": round(ceiling.hosvd.seconds + ceiling.vanilla.seconds, 1),
-    }
 
 
 def wait_for_windows(client: DeviceClient, expected: int, timeout_s: float) -> dict[str, Any]:

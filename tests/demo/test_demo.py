@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,15 @@ def test_demo_fast_end_to_end(tmp_path: Path) -> None:
 
     ceiling = summary["ceiling"]
     limit = summary["ram_ceiling_mib"]
-    assert ceiling["ram_ceiling_mb"] == limit == 204
+    # the ceiling was set on this device, midway between what hosvd and vanilla training every layer need there,
+    # from the base its planner named when it refused the vanilla bundle under a ceiling nothing fits
+    assert ceiling["ram_ceiling_mb"] == limit
+    full = ceiling["full_depth_need_mib"]
+    assert full["hosvd"] < limit < full["vanilla"] and full["vanilla"] - full["hosvd"] >= 4, ceiling
+    assert limit - 0.1 <= (full["hosvd"] + full["vanilla"]) / 2 < limit + 1.1, ceiling
+    probe = ceiling["device_base_message"]
+    assert probe.startswith("no training plan fits ram_ceiling_mb = 1: daemon "), probe
+    assert f"--device-base-mb {ceiling['device_base_mb']:g} --margin-mb {ceiling['margin_mb']:g} " in probe, probe
     # fit, both sides of the chosen depth: hosvd's need fits, one layer deeper does not or there is none deeper
     # (measured candidates)
     hosvd, vanilla = ceiling["hosvd"], ceiling["vanilla"]
@@ -72,11 +81,14 @@ def test_demo_fast_end_to_end(tmp_path: Path) -> None:
     assert refused["train_last"] == hosvd["train_last"]
     assert refused["need_mib"] > limit
     message = refused["device_message"]
-    assert message.startswith("no training plan fits ram_ceiling_mb = 204: daemon "), message
-    assert "hosvd-convert fit MODEL --ram-ceiling-mb 204 --batch-size 64 --device-base-mb " in message, message
+    assert message.startswith(f"no training plan fits ram_ceiling_mb = {limit:g}: daemon "), message
+    assert f"hosvd-convert fit MODEL --ram-ceiling-mb {limit:g} --batch-size 64 --device-base-mb " in message, message
+    # the device's planner and fit agree on the refused bundle's need (to the base's rounding up to whole MiB)
+    planned = float(re.search(r"batch 64 streamed \(micro-batch 1\): ([\d.]+) MiB", message).group(1))
+    assert abs(planned - refused["need_mib"]) <= 2, (planned, refused)
     # the fitted hosvd bundle was accepted and trained inside the same ceiling, daemon included
     report = summary["device_report"]
-    assert report["status"] == "ok" and report["ram_ceiling_mb"] == 204, report
+    assert report["status"] == "ok" and report["ram_ceiling_mb"] == limit, report
     assert report["plan"]["need_mb"] <= limit, report["plan"]
     assert 0.0 < summary["peak_rss_mib"] <= summary["peak_rss_mib"] + summary["daemon_rss_mib"] <= limit, summary
     assert ceiling["hosvd_used_mib"] == round(summary["peak_rss_mib"] + summary["daemon_rss_mib"], 1) <= limit

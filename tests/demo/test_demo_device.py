@@ -37,7 +37,8 @@ def test_device_config_is_accepted_by_the_daemon(tmp_path: Path) -> None:
     sources, csv_path = hand_over_recordings(user, tmp_path / "device")
     assert csv_path.is_file() and sources[0]["type"] == "csv"
     sections = device_config(
-        tmp_path, BrokerAddress("127.0.0.1", 1884), "3.1.1", "imu", SETTINGS["basicmotions"], steps=10
+        tmp_path, BrokerAddress("127.0.0.1", 1884), "3.1.1", "imu", SETTINGS["basicmotions"], steps=10,
+        ram_ceiling_mb=SETTINGS["basicmotions"].ram_ceiling_mb,
     )
     path = write_config(tmp_path / "device" / "device.toml", sections, sources)  # raises if the daemon refuses
     from device_app.config import load_config
