@@ -9,9 +9,11 @@ candidate needs, as the device's planner (``device_app/plan.py``) counts it::
 
 where the device base is what the device holds besides that child's step (the daemon's RSS, the evaluation
 arena, the data buffers; the planner's refusal message prints it) and the margin covers what varies between
-runs. The peak grows with depth, so the search doubles the depth from 1 while it fits, then bisects between the
-deepest that fits and the shallowest that does not: at most ``1 + 2·log2(depths)`` conversions per method instead
-of one per depth, and never one much deeper than the answer (deep candidates are the slow ones). The chosen
+runs. The peak grows with depth, so the search (:func:`deepest_fitting`) doubles the depth from 1 while it fits,
+then bisects between the deepest that fits and the shallowest that does not: at most ``2 + 2·log2(depths)``
+conversions per method instead of one per depth. Deep candidates are the slow ones (MobileNetV2 224² hosvd: 11 s
+at depth 1, 186 s at 32), so a doubling never goes further than one past where the last two fitting candidates'
+slope says the ceiling is crossed. The chosen
 bundle is the deepest that fits; the search (every measured candidate) is recorded in its manifest's ``fit``
 field (``docs/bundle.md``).
 """
@@ -194,25 +196,63 @@ class _Search:
         return self.measured[key]
 
     def deepest(self, method: str, max_depth: int) -> int:
-        """The deepest fitting depth (0 when even depth 1 does not fit): doubling the depth from 1 while it fits,
-        then bisecting between the deepest that fits and the shallowest that does not. Deep candidates are
-        the slow ones to convert and measure, and this converts one deeper than needed at most twice as deep."""
-        if not self.measure(method, 1).fits:
-            return 0
-        lo, hi = 1, max_depth + 1  # lo fits, hi does not (max_depth + 1 is never measured)
-        while hi > lo + 1:
-            probe = min(2 * lo, max_depth) if hi == max_depth + 1 else (lo + hi) // 2
-            if self.measure(method, probe).fits:
-                lo = probe
-            else:
-                hi = probe
-        return lo
+        """The deepest fitting depth of ``method`` (0 when even depth 1 does not fit): :func:`deepest_fitting`."""
+        return deepest_fitting(lambda depth: self.measure(method, depth).need_bytes, self.ceiling, max_depth)
+
+
+def deepest_fitting(need: Callable[[int], float], ceiling: float, max_depth: int) -> int:
+    """The deepest ``depth`` in ``1..max_depth`` with ``need(depth) <= ceiling`` (0 when depth 1 does not fit), for a
+    need that grows with depth, asking ``need`` for each depth at most once.
+
+    The depth doubles from 1 while it fits, then bisection runs between the deepest that fits and the shallowest
+    that does not. A doubling is capped at one past the depth where the line through the last two fitting needs
+    crosses the ceiling (the need is measured by converting, slower the deeper: an uncapped doubling from 16 to 32
+    cost MobileNetV2's hosvd search 186 s for an answer of 17). A capped step that fits may be followed by another,
+    but each at least twice as long as the one before, so a prediction that keeps falling short costs about as many
+    steps as doubling: at most :func:`search_steps` ``(max_depth)`` depths are asked for (checked against exhaustive
+    search on random growing needs, ``tests/converter/test_fit.py``).
+    """
+    needs: dict[int, float] = {}
+
+    def fits(depth: int) -> bool:
+        needs[depth] = need(depth)
+        return needs[depth] <= ceiling
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, max_depth + 1  # lo fits, hi does not (max_depth + 1 is never asked for)
+    least = 1  # the shortest step a capped doubling may take
+    while hi > lo + 1:
+        if hi <= max_depth:  # a bracket: bisect it
+            probe = (lo + hi) // 2
+            lo, hi = (probe, hi) if fits(probe) else (lo, probe)
+            continue
+        doubling = min(2 * lo, max_depth)
+        probe = min(doubling, max(lo + least, _crossing(needs, ceiling) + 1))
+        if fits(probe):
+            least = 2 * (probe - lo) if probe < doubling else 1
+            lo = probe
+        else:
+            hi = probe
+    return lo
+
+
+def _crossing(needs: dict[int, float], ceiling: float) -> int:
+    """The deepest depth the line through the two deepest fitting needs keeps within ``ceiling`` (a large number when
+    there is one point or the line does not rise)."""
+    fitting = sorted(d for d, n in needs.items() if n <= ceiling)
+    if len(fitting) < 2:
+        return 1 << 30
+    a, b = fitting[-2:]
+    slope = (needs[b] - needs[a]) / (b - a)
+    return b + int((ceiling - needs[b]) / slope) if slope > 0 else 1 << 30
 
 
 def search_steps(max_depth: int) -> int:
-    """The most candidates one method's search measures: depth 1, the doublings, then the halvings."""
+    """The most candidates one method's search measures: depth 1, the doublings, the halvings, and one more for
+    capped doublings (no growing need of 200,000 random ones up to 130 depths took more)."""
     doublings = math.ceil(math.log2(max_depth)) if max_depth > 1 else 0
-    return min(max_depth, 1 + 2 * doublings)
+    return min(max_depth, 2 + 2 * doublings)
 
 
 def fit(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from converter.fit import MIB, Candidate, FitResult, fit, search_steps
+from converter.fit import MIB, Candidate, FitResult, deepest_fitting, fit, search_steps
 from hosvd_contract import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(unb
     deeper = by_depth[chosen.train_last + 1]  # the search ends with the next-deeper candidate measured
     assert deeper.need_bytes > ceiling_mb * MIB, result.candidates
     assert [c.fits for c in result.candidates] == [c.need_bytes <= ceiling_mb * MIB for c in result.candidates]
-    # a search, not a sweep: 1, 2, 4, 7 (too big: the ceiling is below its peak), then halvings of 4..7
+    # a search, not a sweep
     assert len(result.candidates) <= search_steps(result.max_train_last)
     assert len(result.candidates) < result.max_train_last
 
@@ -117,6 +117,46 @@ def test_fit_picks_the_deepest_depth_under_the_ceiling_checked_on_both_sides(unb
     recorded = {c["train_last"]: c for c in manifest.fit["candidates"]}
     assert recorded[chosen.train_last + 1]["fits"] is False
     assert recorded[chosen.train_last + 1]["need_bytes"] == deeper.need_bytes
+
+
+def counted(needs: list[float]) -> tuple[list[int], object]:
+    """``need`` over ``needs`` (depth 1 first) that records every depth asked for."""
+    asked: list[int] = []
+
+    def need(depth: int) -> float:
+        asked.append(depth)
+        return needs[depth - 1]
+
+    return asked, need
+
+
+def test_search_finds_what_an_exhaustive_sweep_finds_within_its_step_bound() -> None:
+    """On 20,000 random growing needs (flat runs and jumps among them) and ceilings: the deepest fitting depth, each
+    depth asked for once, never more than ``search_steps`` of them."""
+    rng = np.random.default_rng(0)
+    for _ in range(20_000):
+        depths = int(rng.integers(1, 61))
+        steps = rng.exponential(1.0, depths) * rng.choice([0.0, 0.01, 1.0, 10.0], depths, p=[0.15, 0.15, 0.5, 0.2])
+        needs = np.cumsum(steps).tolist()
+        ceiling = float(rng.uniform(needs[0] - 1, needs[-1] + 1))
+        asked, need = counted(needs)
+        found = deepest_fitting(need, ceiling, depths)
+        assert found == max((d for d in range(1, depths + 1) if needs[d - 1] <= ceiling), default=0)
+        assert len(asked) == len(set(asked)) <= search_steps(depths), (needs, ceiling, asked)
+
+
+def test_search_stops_doubling_where_the_fitting_slope_crosses_the_ceiling() -> None:
+    """MobileNetV2 224² hosvd under 256 MiB, the needs measured by ``bench.fit`` (MiB; depths it did not measure
+    interpolated): plain doubling asked for 1, 2, 4, 8, 16, 32, 24, 20, 18, 17 (833 s of conversions); the line
+    through 8 and 16 crosses 256 MiB at 16.6, so the search asks for 17, which fits, then 19 (a capped step that
+    fits is followed by one at least twice as long), then 18, and never converts 32 or 24 (490 s)."""
+    measured = {1: 174.1, 2: 179.4, 4: 191.7, 8: 189.1, 16: 251.3, 17: 255.0, 18: 260.5, 20: 271.0, 24: 293.2,
+                32: 335.7, 53: 460.0}
+    known = sorted(measured)
+    needs = np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist()
+    asked, need = counted(needs)
+    assert deepest_fitting(need, 256.0, 53) == 17
+    assert asked == [1, 2, 4, 8, 16, 17, 19, 18]
 
 
 def test_ceiling_below_the_smallest_candidate_is_a_clear_error(extremes, tmp_path: Path) -> None:
