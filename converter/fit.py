@@ -79,6 +79,12 @@ class Candidate:
     def need_mib(self) -> float:
         return self.need_bytes / MIB
 
+    def judged(self, extra_bytes: int, ceiling_bytes: int) -> Candidate:
+        """This measured peak judged again: need = peak + ``extra_bytes`` (device base + margin) against
+        ``ceiling_bytes``."""
+        need = self.peak_rss_bytes + extra_bytes
+        return dataclasses.replace(self, need_bytes=need, fits=need <= ceiling_bytes)
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -190,8 +196,7 @@ class _Search:
                 self.known[key] = measure_candidate(self.model, self.bundle_dir(method, depth), method, depth,
                                                     self.ceiling, self.extra, **self.convert_kwargs)
             # a peak measured under another ceiling is judged again, not converted again
-            need = self.known[key].peak_rss_bytes + self.extra
-            self.measured[key] = dataclasses.replace(self.known[key], need_bytes=need, fits=need <= self.ceiling)
+            self.measured[key] = self.known[key].judged(self.extra, self.ceiling)
             self.on_candidate(self.measured[key])
         return self.measured[key]
 

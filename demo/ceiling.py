@@ -15,7 +15,6 @@ demo does what the user of a new device does (``docs/demo.md``):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import shutil
@@ -118,9 +117,16 @@ def device_base(refusal: str) -> DeviceBase:
     return DeviceBase(float(match.group(1)), float(match.group(2)), refusal)
 
 
+def extra_bytes(base: DeviceBase) -> int:
+    """What ``fit`` adds to a measured peak for this device: its base and margin, as ``fit`` rounds them."""
+    from converter.fit import MIB as FIT_MIB
+
+    return int((base.base_mb + base.margin_mb) * FIT_MIB)
+
+
 def need_mib(candidate: Any, base: DeviceBase) -> float:
     """What ``candidate`` needs on the device: ``fit``'s arithmetic with the device's own base and margin."""
-    return candidate.peak_rss_bytes / MIB + base.base_mb + base.margin_mb
+    return candidate.judged(extra_bytes(base), 0).need_mib
 
 
 def ceiling_between(full: FullDepth, base: DeviceBase) -> int:
@@ -149,7 +155,6 @@ def fit_bundles(model: Any, options: dict[str, Any], batch_size: int, bundles_di
     from converter.fit import fit, measure_candidate
 
     ceiling_mb = ceiling_between(full, base)
-    extra = int((base.base_mb + base.margin_mb) * FIT_MIB)
     common: dict[str, Any] = dict(
         ram_ceiling_mb=ceiling_mb,
         batch_size=batch_size,
@@ -175,8 +180,7 @@ def fit_bundles(model: Any, options: dict[str, Any], batch_size: int, bundles_di
                                         batch_sizes=[batch_size], epsilon=EPSILON, **options)
         else:
             shutil.move(str(full.candidates_dir / f"none-{depth}"), bundles_dir / target)
-    need = refused.peak_rss_bytes + extra
-    refused = dataclasses.replace(refused, need_bytes=need, fits=need <= ceiling_mb * FIT_MIB)
+    refused = refused.judged(extra_bytes(base), ceiling_mb * FIT_MIB)
     shutil.rmtree(full.candidates_dir, ignore_errors=True)
     return CeilingFit(ceiling_mb, base, full, hosvd, vanilla, target, refused)
 
