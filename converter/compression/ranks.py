@@ -74,15 +74,26 @@ def unfolding(x: np.ndarray, mode: int) -> np.ndarray:
     return np.moveaxis(x, mode, 0).reshape(x.shape[mode], -1).astype(np.float64)
 
 
+def _gram(x: np.ndarray, mode: int) -> np.ndarray:
+    """``A·Aᵀ`` of the mode-n unfolding A, float64 (I_n, I_n).
+
+    The unfoldings are wide (I_n ≪ the other sizes' product), so an eigendecomposition of this small matrix gives
+    the spectrum and the left singular vectors ~8× faster than an SVD of A, equal to float64 rounding in what
+    calibration uses (the leading part; tests/converter/test_eps_rule.py checks it against ``np.linalg.svd``).
+    """
+    a = unfolding(x, mode)
+    return a @ a.T
+
+
 def mode_spectrum(x: np.ndarray, mode: int) -> np.ndarray:
     """Squared singular values of the mode-n unfolding of ``x`` (descending)."""
-    return np.linalg.svd(unfolding(x, mode), compute_uv=False) ** 2
+    return np.maximum(np.linalg.eigvalsh(_gram(x, mode))[::-1], 0.0)
 
 
 def mode_basis(x: np.ndarray, mode: int, rank: int) -> np.ndarray:
     """Leading ``rank`` left singular vectors of the mode-n unfolding, float32 (I_n, rank)."""
-    u, _, _ = np.linalg.svd(unfolding(x, mode), full_matrices=False)
-    return u[:, :rank].astype(np.float32)
+    _, vectors = np.linalg.eigh(_gram(x, mode))  # ascending eigenvalues
+    return vectors[:, ::-1][:, :rank].astype(np.float32)
 
 
 def eps_ranks(x: np.ndarray, eps: float, modes: tuple[int, ...] = (0, 1, 2, 3),

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from converter.cli import main
 from converter.compression.hosvd import hosvd, max_ranks
-from converter.compression.ranks import EpsRule, eps_mask, rank_from_energy, unfolding
+from converter.compression.ranks import EpsRule, eps_mask, mode_basis, mode_spectrum, rank_from_energy, unfolding
 from converter.compression.subspace import start_matrix
 from hosvd_contract import Manifest, load_manifest
 from tests.converter.builtin import run_builtin
@@ -78,6 +78,25 @@ def conv_b_input() -> np.ndarray:
             return h.numpy()
         h = layer(h)
     raise AssertionError("the model has no conv_b")
+
+
+def test_calibration_spectra_and_bases_are_the_exact_svds():
+    """The Gram-matrix shortcut in ``mode_spectrum``/``mode_basis`` gives the SVD's squared singular values and
+    the span of its leading left singular vectors, on a real activation (every mode, every ε-rank it yields)."""
+    x = conv_b_input()
+    for mode in range(4):
+        u, s, _ = np.linalg.svd(unfolding(x, mode), full_matrices=False)
+        spectrum = mode_spectrum(x, mode)
+        assert spectrum.shape == s.shape and np.all(np.diff(spectrum) <= 0)
+        np.testing.assert_allclose(spectrum, s ** 2, rtol=1e-7, atol=1e-9 * s[0] ** 2)
+        for eps in (0.5, 0.8, 0.9):
+            rank = rank_from_energy(spectrum, eps)
+            assert rank == rank_from_energy(s ** 2, eps)
+            basis = mode_basis(x, mode, rank).astype(np.float64)
+            assert basis.shape == (x.shape[mode], rank)
+            np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-5)
+            if rank < len(s) and s[rank - 1] > 1.01 * s[rank]:  # a well-separated subspace is unique
+                np.testing.assert_allclose(basis @ basis.T, u[:, :rank] @ u[:, :rank].T, atol=1e-4)
 
 
 def test_converted_graph_ranks_follow_the_centred_rule_on_real_activations():
