@@ -1,8 +1,9 @@
 """Conv2D: forward, backward (input and weight gradients) and saved-activation size.
 
 Saves its input (through the compression method) for the weight gradient. The weight gradient is KH·KW
-shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is a
-full correlation of the stride-spread ``dy`` with the flipped kernel. A trained kernel is a variable, which XNNPACK
+shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is
+TRANSPOSE_CONV, or correlations of ``dy`` with the flipped kernel (one per phase when strided:
+:func:`converter.ops.input_grad_via_correlation`). A trained kernel is a variable, which XNNPACK
 does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable 1×1 layer
 run as BATCH_MATMULs (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape). A trainable k×k layer
 keeps CONV_2D / TRANSPOSE_CONV on the built-in kernels: its im2col would hold KH·KW copies of the input (a 3×3
@@ -86,35 +87,30 @@ def weight_grad_taps(saved: Factored, dy: tf.Tensor, cfg: dict, tap_grad, tap_sh
     """Per kernel tap, ``tap_grad(window (N, K_C), dy (N, C_out)) -> tap_shape``, stacked to (KH, KW, *tap_shape).
 
     The batch factor is applied to ``dy`` or to the core, whichever it leaves smaller, and the core expanded over
-    H and W, so the activation is never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). Several taps
-    run in a WHILE loop: unrolled, the converter scheduled every tap's full-size window at once (measured:
-    9 × 5.7 MiB alive together on MobileNetV2's last depthwise layer), while the loop keeps one window alive.
+    H and W, so the activation is never rebuilt (paper: Z1 = U_Bᵀ dY, Z3 = core ×_H U_H ×_W U_W). The taps run
+    one after another, each window's rows a GATHER at indices tied to the previous tap's gradient (as
+    :func:`ops.serial_chunks` does), so one window is alive at a time. Unrolled without the chain, the converter
+    scheduled every tap's window at once (9 × 5.7 MiB on MobileNetV2's last depthwise layer); a WHILE loop kept
+    one, but TFLite allocates a loop body's arena once and never frees it while the main arena lives on (measured
+    on MobileNetV2's last 16 layers: five depthwise bodies held 41.4 MiB to the end of the step).
     """
     z, dy_b = batch_applied(saved, dy)
     dy_b = ops.flatten_rows(dy_b)
     zp = ops.pad_hw(z, cfg["pads"])
     kh, kw = cfg["kernel_hw"]
+    (sh, sw), (dh, dw), (oh, ow) = cfg["strides"], cfg["dilation"], cfg["out_hw"]
     if kh * kw == 1:
         g = tap_grad(ops.flatten_rows(ops.shifted_window(zp, 0, 0, cfg["out_hw"], cfg["strides"],
                                                          cfg["dilation"])), dy_b)
         return tf.reshape(g, [1, 1, *g.shape])
-    (sh, sw), (dh, dw), (oh, ow) = cfg["strides"], cfg["dilation"], cfg["out_hw"]
-    kb, _, _, kc = zp.shape
-
-    def body(tap: tf.Tensor, acc: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        begin = tf.stack([0, (tap // kw) * dh, (tap % kw) * dw, 0])
-        # SLICE with a constant size keeps the body's shapes static (XNNPACK then plans its ops once)
-        window = tf.slice(zp, begin, [kb, (oh - 1) * sh + 1, (ow - 1) * sw + 1, kc])
-        if (sh, sw) != (1, 1):
-            window = window[:, ::sh, ::sw, :]
-        g = tap_grad(tf.reshape(window, [-1, kc]), dy_b)
-        pick = tf.reshape(tf.one_hot(tap, kh * kw), [kh * kw, 1, 1])
-        return tap + 1, acc + pick * tf.expand_dims(g, 0)
-
-    zeros = tf.zeros([kh * kw, *tap_shape])
-    _, grads = tf.while_loop(lambda tap, acc: tap < kh * kw, body, (tf.constant(0), zeros),
-                             maximum_iterations=kh * kw)
-    return tf.reshape(grads, [kh, kw, *tap_shape])
+    kc = zp.shape[3]
+    grads: list[tf.Tensor] = []
+    for i in range(kh):
+        for j in range(kw):
+            rows = ops.depend(tf.range(i * dh, i * dh + (oh - 1) * sh + 1, sh), grads[-1] if grads else dy_b)
+            window = tf.gather(tf.gather(zp, rows, axis=1), tf.range(j * dw, j * dw + (ow - 1) * sw + 1, sw), axis=2)
+            grads.append(tap_grad(tf.reshape(window, [-1, kc]), dy_b))
+    return tf.reshape(tf.stack(grads), [kh, kw, *tap_shape])
 
 
 def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
@@ -127,7 +123,7 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
 
 
 def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
-    """dL/dx (B, H, W, C_in): for a 1×1 kernel the spread ``dy`` times the kernel (a matmul).
+    """dL/dx (B, H, W, C_in): for a 1×1 kernel ``dy`` times the kernel (a matmul; strided: per phase).
 
     The flipped kernel goes in as (C_in, KH·KW·C_out) with a transposed matmul: a (KH·KW·C_out, C_in) transpose
     feeding a plain matmul is folded by the TFLite converter into a FULLY_CONNECTED, which XNNPACK refuses for a
@@ -146,12 +142,14 @@ def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
         flipped_hwio = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
         return ops.input_grad_via_correlation(
             dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
-            lambda t: tf.nn.conv2d(t, flipped_hwio, strides=1, padding="VALID", dilations=cfg["dilation"]))
+            lambda t, taps: tf.nn.conv2d(t, flipped_hwio[taps[0], taps[1]], strides=1, padding="VALID",
+                                         dilations=cfg["dilation"]))
     kernel = depend(kernel, dy)
-    rows = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [kernel.shape[2], -1])  # one tap: nothing to flip
+    # one tap: nothing to flip, and it is the only tap of every phase that has one
+    rows = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [kernel.shape[2], -1])
     return ops.input_grad_via_correlation(
         dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
-        lambda t: ops.im2col_matmul(t, rows, (kh, kw), (1, 1), cfg["dilation"], transpose_weights=True))
+        lambda t, _taps: ops.im2col_matmul(t, rows, (kh, kw), (1, 1), cfg["dilation"], transpose_weights=True))
 
 
 def backward(node: Node, params: dict, saved: Factored, dy: tf.Tensor, need_dx: bool):
