@@ -190,43 +190,75 @@ def im2col_matmul(x: tf.Tensor, weights: tf.Tensor, kernel_hw: tuple[int, int], 
     return tf.reshape(y, [-1, *cols.shape[1:3], y.shape[-1]])  # the batch may be dynamic (infer, features)
 
 
-def zero_insert(dy: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
-    """Spread (B, H', W', C) to (B, (H'-1)*sh+1, (W'-1)*sw+1, C) with zeros between rows/columns.
-
-    Reshape + PAD on 4-D tensors only (TFLite's PAD and reshape handle those everywhere).
-    """
-    b, h, w, c = dy.shape
-    sh, sw = strides
-    if sh > 1:
-        dy = tf.reshape(dy, [b, h, 1, w * c])
-        dy = tf.pad(dy, [[0, 0], [0, 0], [0, sh - 1], [0, 0]])
-        dy = tf.reshape(dy, [b, h * sh, w, c])[:, : (h - 1) * sh + 1]
-        h = (h - 1) * sh + 1
-    if sw > 1:
-        dy = tf.reshape(dy, [b * h, w, 1, c])
-        dy = tf.pad(dy, [[0, 0], [0, 0], [0, sw - 1], [0, 0]])
-        dy = tf.reshape(dy, [b, h, w * sw, c])[:, :, : (w - 1) * sw + 1]
-    return dy
-
-
 def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads, kernel_hw: tuple[int, int],
                                strides: tuple[int, int], dilation: tuple[int, int], correlate) -> tf.Tensor:
-    """Input gradient of a strided, dilated, padded convolution as a 'full' correlation.
+    """Input gradient of a strided, dilated, padded convolution as correlations of ``dy`` with the flipped kernel.
 
-    ``dy`` is spread by the stride and correlated (``correlate``: (B, H, W, C) -> (B, H, W, C') with the spatially
-    flipped kernel, VALID, same dilation). The full correlation (``dy`` padded by the kernel extent minus one on
-    both sides) covers the padded input; only the rows and columns of the real input are computed: the spread
-    ``dy`` is cut and zero-padded (:func:`tap_window`) to exactly what they read, so no padded-input-sized result
-    is made and cropped (MobileNetV2's 7×7 depthwise: 49 instead of 81 positions). Input rows the forward never
-    reached read only zeros and get zero gradient.
+    ``correlate(t, taps)`` correlates (B, H, W, C) ``t`` with the taps ``taps`` (a pair of slices) of the spatially
+    flipped kernel, VALID, same dilation, giving (B, H - extent + 1, W - extent + 1, C'). Only the rows and columns
+    of the real input are computed (the window of ``dy`` they read is cut and zero-padded by :func:`tap_window`, so
+    no padded-input-sized result is made and cropped; input rows the forward never reached get zero gradient).
+
+    Unstrided: one correlation over the whole flipped kernel. Strided (dilation 1, as Keras requires): polyphase.
+    Input row ``s·a + q`` is reached only by the taps ``k ≡ q + pad (mod s)``, so each of the s² phases is a small
+    correlation of ``dy`` itself with every s-th tap, and the phases are interleaved. Correlating the zero-spread
+    ``dy`` instead made two padded copies s² times the size of ``dy`` and did s²× the multiply-adds (measured on
+    MobileNetV2's block_13 depthwise: 18.0 + 11.9 MiB alive beside the 14.5 MiB result, the step's arena peak).
     """
-    kh, kw = kernel_hw
-    ext_h, ext_w = (kh - 1) * dilation[0], (kw - 1) * dilation[1]
-    spread = zero_insert(dy, strides)
-    (pt, _), (pl, _) = pads
-    reach = tap_window(spread, ((ext_h - pt, 0), (ext_w - pl, 0)), (0, 0), (in_hw[0] + ext_h, in_hw[1] + ext_w),
-                       (1, 1), (1, 1))
-    return correlate(reach)
+    if tuple(strides) == (1, 1):
+        ext = [(kernel_hw[a] - 1) * dilation[a] for a in range(2)]
+        reach = tap_window(dy, ((ext[0] - pads[0][0], 0), (ext[1] - pads[1][0], 0)), (0, 0),
+                           (in_hw[0] + ext[0], in_hw[1] + ext[1]), (1, 1), (1, 1))
+        return correlate(reach, (slice(None), slice(None)))
+    if tuple(dilation) != (1, 1):
+        raise ValueError(f"a strided convolution cannot be dilated (strides {strides}, dilation {dilation})")
+    phases = [[_phase(in_hw[a], dy.shape[1 + a], kernel_hw[a], strides[a], pads[a][0], q) for q in range(strides[a])]
+              for a in range(2)]
+    rows = []
+    for ph in phases[0]:
+        cols = []
+        for pw in phases[1]:
+            if ph[0] == 0 or pw[0] == 0:  # no tap reaches these input positions
+                cols.append(None)
+                continue
+            window = tap_window(dy, ((-ph[2], 0), (-pw[2], 0)), (0, 0), (ph[3] + ph[0] - 1, pw[3] + pw[0] - 1),
+                                (1, 1), (1, 1))
+            cols.append(correlate(window, (ph[1], pw[1])))
+        rows.append(cols)
+    made = next(t for cols in rows for t in cols if t is not None)
+    full = [-(-in_hw[a] // strides[a]) for a in range(2)]  # positions of the largest phase along each axis
+    channels = made.shape[3]
+
+    def sized(t: tf.Tensor | None, ph: tuple, pw: tuple) -> tf.Tensor:
+        if t is None:
+            return tf.zeros([made.shape[0], *full, channels], made.dtype)
+        return pad_hw(t, ((0, full[0] - ph[3]), (0, full[1] - pw[3])))
+
+    # concatenating the phases along channels and reshaping interleaves them: (…, w, q, c) is column s·w + q
+    interleaved = []
+    for ph, cols in zip(phases[0], rows, strict=True):
+        row = tf.concat([sized(t, ph, pw) for t, pw in zip(cols, phases[1], strict=True)], axis=3)
+        interleaved.append(tf.reshape(row, [made.shape[0], full[0], full[1] * strides[1], channels]))
+    dx = tf.reshape(tf.concat(interleaved, axis=2),
+                    [made.shape[0], full[0] * strides[0], full[1] * strides[1], channels])
+    if dx.shape[1] == in_hw[0] and dx.shape[2] == in_hw[1]:
+        return dx
+    return dx[:, :in_hw[0], :in_hw[1], :]
+
+
+def _phase(size: int, out: int, kernel: int, stride: int, pad: int, q: int) -> tuple[int, slice, int, int]:
+    """One polyphase component of a strided input gradient along one axis: input positions ``s·a + q``.
+
+    Returns ``(taps, kernel_slice, first, count)``: how many kernel taps reach them, which taps of the *flipped*
+    kernel they are (in correlation order), the ``dy`` index the first correlation window starts at (may be
+    negative: zero padding), and how many such input positions there are.
+    """
+    r = (q + pad) % stride  # the first tap k ≡ q + pad (mod s)
+    taps = max(0, -(-(kernel - r) // stride))
+    count = -(-(size - q) // stride)
+    base = (q + pad - r) // stride  # dy row of tap r for a = 0; tap r + j·s reads row base - j
+    start = kernel - 1 - r - (taps - 1) * stride  # flipped index of the last tap, r + (taps - 1)·s
+    return taps, slice(start, kernel, stride) if taps else slice(0, 0), base - (taps - 1), count
 
 
 def flatten_rows(x: tf.Tensor) -> tf.Tensor:

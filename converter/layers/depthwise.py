@@ -55,12 +55,14 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict, kernel_shape) -> tf.T
 
 
 def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
-    """dL/dx (B, H, W, C): correlation of the spread ``dy`` with the flipped kernel, summed over M."""
-    kh, kw, c, m = kernel.shape
-    flipped = tf.reshape(tf.reverse(kernel, [0, 1]), [kh, kw, c * m, 1])
+    """dL/dx (B, H, W, C): correlation of ``dy`` with the flipped kernel (per phase if strided), summed over M."""
+    _, _, c, m = kernel.shape
+    flipped = tf.reverse(kernel, [0, 1])
 
-    def correlate(t: tf.Tensor) -> tf.Tensor:
-        out = tf.nn.depthwise_conv2d(t, flipped, strides=[1, 1, 1, 1], padding="VALID", dilations=cfg["dilation"])
+    def correlate(t: tf.Tensor, taps: tuple[slice, slice]) -> tf.Tensor:
+        sub = flipped[taps[0], taps[1]]
+        sub = tf.reshape(sub, [*sub.shape[:2], c * m, 1])
+        out = tf.nn.depthwise_conv2d(t, sub, strides=[1, 1, 1, 1], padding="VALID", dilations=cfg["dilation"])
         if m == 1:
             return out
         return tf.reduce_sum(tf.reshape(out, [*out.shape[:3], c, m]), axis=-1)

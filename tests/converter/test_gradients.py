@@ -131,3 +131,36 @@ def test_zero_padding_read_by_one_convolution_is_part_of_its_padding():
     assert depthwise.config["out_hw"] == (6, 6)
     assert same.in_shapes == [(6, 6, 8)] and same.config["pads"] == ((3, 2), (2, 3))  # its own 1 + the layer's
     assert kinds["conv_after_shared"].in_shapes == [(11, 11, 6)]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [1, 2, 3, 5])
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_strided_input_gradients_are_the_tapes(stride, kernel, padding):
+    """The input gradient of a depthwise and of a one-tap convolution, strided per phase
+    (``ops.input_grad_via_correlation``), is the tape's on odd and even sizes, including the phases that no tap
+    reaches (kernel smaller than the stride) and a 'same' padding that differs before and after."""
+    from converter.layers import conv2d, depthwise
+
+    rng = np.random.default_rng(stride * 10 + kernel)
+    for h, w in ((7, 8), (14, 15)):
+        x = tf.constant(rng.standard_normal((2, h, w, 3)), tf.float32)
+        pads = tuple(ops.same_pads(n, kernel, stride, 1) if padding == "same" else (0, 0) for n in (h, w))
+        cfg = {"in_hw": (h, w), "pads": pads, "kernel_hw": (kernel, kernel), "strides": (stride, stride),
+               "dilation": (1, 1)}
+        cases = [(depthwise.input_grad, rng.standard_normal((kernel, kernel, 3, 2)),
+                  lambda t, k: tf.nn.depthwise_conv2d(t, k, [1, stride, stride, 1], "VALID"))]
+        if kernel == 1:
+            cases.append((conv2d.input_grad, rng.standard_normal((1, 1, 3, 4)),
+                          lambda t, k: tf.nn.conv2d(t, k, stride, "VALID")))
+        for input_grad, kernel_value, forward in cases:
+            k = tf.constant(kernel_value, tf.float32)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = forward(ops.pad_hw(x, pads), k)
+            dy = tf.constant(rng.standard_normal(y.shape), tf.float32)
+            expected = tape.gradient(y, x, dy).numpy()
+            got = input_grad(dy, k, cfg).numpy()
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+            assert np.abs(expected).max() > 0.5  # not a zero gradient matching a zero result
