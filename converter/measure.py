@@ -7,6 +7,7 @@ the figure is what a device process would see. The converter only spawns it; it 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -67,7 +68,7 @@ def saved_for_backward(flatbuffer: bytes, signature: str) -> list[SavedTensor]:
     Raises:
         KeyError: no signature ``signature``.
     """
-    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    model = _unpacked(flatbuffer)
     sig = _signature(model, signature)
     graph = model.subgraphs[sig.subgraphIndex]
     labels = {t.tensorIndex for t in sig.inputs if t.name.decode() == Sig.Y}
@@ -154,6 +155,13 @@ def _signature(model, signature: str):
     return sig
 
 
+@functools.lru_cache(maxsize=1)
+def _unpacked(flatbuffer: bytes) -> schema.ModelT:
+    """The model as objects, kept for the next call: a tool profiling a bundle's 100+ subgraphs one by one
+    unpacked the whole deep model (≈ 2 s) each time."""
+    return schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+
+
 def live_profile(flatbuffer: bytes, signature: str | None = None, subgraph: int | None = None) -> LiveProfile:
     """The lifetimes and live bytes of the arena tensors of ``signature``'s subgraph (or subgraph ``subgraph``),
     read off the converted model: which tensors hold the arena's high-water mark, and which op is running then.
@@ -165,7 +173,7 @@ def live_profile(flatbuffer: bytes, signature: str | None = None, subgraph: int 
     Raises:
         KeyError: no signature ``signature``.
     """
-    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    model = _unpacked(flatbuffer)
     index = _signature(model, signature).subgraphIndex if subgraph is None else subgraph
     graph = model.subgraphs[index]
     op_names = _op_names(model)
