@@ -26,22 +26,27 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
-    """``t + min(|s|, 0)`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
+    """``t + (s < −∞)`` for the first element ``s`` of ``on``: ``t`` with a data dependency on ``on``.
 
     TFLite has no control edges, and the converter's op order does not follow the train step's forward/backward
     structure: it moved compressions after the loss (keeping full-size activations alive through the forward
     pass) and hoisted backward-only work (unpacked masks, expanded cores, kernels in matmul form) before it. A
     data dependency is the one ordering it keeps. The zero must be one the converter cannot fold: it folded
-    ``t + 0·s`` to ``t`` (checked on TF 2.21: ``pad(depend(x, dy))`` became a lone PAD of ``x``), it keeps
-    ``min(|s|, 0)`` (ABS, MINIMUM, ADD), which is 0 for every ``s`` but NaN. Float and int32 tensors get the ADD;
-    others (packed uint8 masks, whose ADD is not a builtin) a SLICE starting at that zero, which the converter
-    keeps for a computed tensor but folds away for a constant one (a slice as large as its input can only start
-    at 0).
+    ``t + 0·s`` to ``t`` (checked on TF 2.21: ``pad(depend(x, dy))`` became a lone PAD of ``x``); it keeps
+    ``cast(s < −∞)``, which is 0 for every ``s``, NaN included. Float and int32 tensors get the ADD; others
+    (packed uint8 masks, whose ADD is not a builtin) a SLICE starting at that zero, which the converter keeps for
+    a computed tensor but folds away for a constant one (a slice as large as its input can only start at 0).
+
+    Every op but the ADD runs on the built-in kernels (a shrinking STRIDED_SLICE, LESS, CAST): XNNPACK holds
+    ≈ 20 KiB for each op it takes, whatever its size, and a deep hosvd step has hundreds of these ties (an
+    earlier ``min(|s|, 0)`` on a sliced and reshaped element gave it five ops each).
     """
-    # the first element sliced from ``on`` itself: a flattening RESHAPE first copied the whole of a tensor that
-    # other ops still read (measured: an 8 MiB copy of a pooling layer's upsampled gradient)
-    first = tf.cast(tf.reshape(tf.slice(on, [0] * len(on.shape), [1] * len(on.shape)), []), tf.float32)
-    zero = tf.minimum(tf.abs(first), 0.0)
+    # the first element read in place (a flattening RESHAPE first copied the whole of a tensor that other ops
+    # still read: measured, an 8 MiB copy of a pooling layer's upsampled gradient)
+    first = on[(0,) * len(on.shape)]
+    if first.dtype != tf.float32:
+        first = tf.cast(first, tf.float32)
+    zero = tf.less(first, float("-inf"))
     if t.dtype.is_floating or t.dtype == tf.int32:
         return t + tf.cast(zero, t.dtype)
     return tf.slice(t, tf.fill([len(t.shape)], tf.cast(zero, tf.int32)), t.shape)
