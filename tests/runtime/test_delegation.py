@@ -29,7 +29,15 @@ def _subgraph_names(model: bytes) -> dict[str, str]:
     return names
 
 
+def _all_subgraph_names(model: bytes) -> list[str]:
+    root = runtime._u32(model, 0)
+    return [runtime._string(model, runtime._field(model, graph, runtime._SUBGRAPH_NAME)).decode()
+            for graph in runtime._tables(model, runtime._field(model, root, runtime._MODEL_SUBGRAPHS))]
+
+
 def test_only_the_kept_signatures_stay_delegable(imu_bundle):
+    """The kept signatures' own subgraphs keep their names; every other one, the loop bodies the kept ones call
+    included, is renamed so XNNPACK leaves it alone."""
     model = (imu_bundle / "model.tflite").read_bytes()
     manifest = Bundle(imu_bundle, 1).manifest
     keep = {manifest.train_signatures[0].train_features, Sig.GET_WEIGHTS}
@@ -38,19 +46,36 @@ def test_only_the_kept_signatures_stay_delegable(imu_bundle):
     assert set(after) == set(before) and len(after) > len(keep)
     for key, name in after.items():
         assert name == (before[key] if key in keep else "VALIDATION:" + before[key]), (key, name)
+    everything = _all_subgraph_names(patched)
+    bodies = [n for n in _all_subgraph_names(model) if n not in before.values()]
+    assert bodies  # the hosvd bundle's Gram–Schmidt loops
+    assert {n for n in everything if not n.startswith("VALIDATION:")} == {before[key] for key in keep}
+    assert sorted(everything) == sorted(
+        n if n in {before[key] for key in keep} else "VALIDATION:" + n for n in _all_subgraph_names(model))
     assert delegate_only(patched, keep) == patched  # already renamed: unchanged
     with pytest.raises(BundleError, match="TFL3"):
         delegate_only(b"\0" * 64, keep)
 
 
 def test_a_subgraph_left_undelegated_computes_the_same(imu_bundle):
+    """A renamed signature, and a kept one whose loop bodies were renamed (hosvd's train step), give the numbers
+    of the interpreter that delegates everything."""
     manifest = Bundle(imu_bundle, 1).manifest
-    x, _ = sample_batch(manifest, 4, np.random.default_rng(0))
+    x, y = sample_batch(manifest, 8, np.random.default_rng(0))
     plain = load_interpreter(imu_bundle / "model.tflite", 1).get_signature_runner(Sig.INFER)(x=x)
     only_features = load_interpreter(imu_bundle / "model.tflite", 1, {Sig.FEATURES})
     renamed = only_features.get_signature_runner(Sig.INFER)(x=x)
     for key in plain:
         np.testing.assert_allclose(renamed[key], plain[key], rtol=1e-5, atol=1e-6)
+    train = next(s for s in manifest.train_signatures if s.batch_size == 8).train
+    steps = []
+    for interpreter in (load_interpreter(imu_bundle / "model.tflite", 1),
+                        load_interpreter(imu_bundle / "model.tflite", 1, {train, Sig.GET_WEIGHTS})):
+        loss = interpreter.get_signature_runner(train)(x=x, y=y)["loss"]
+        steps.append((float(np.ravel(loss)[0]), interpreter.get_signature_runner(Sig.GET_WEIGHTS)()))
+    assert steps[0][0] == pytest.approx(steps[1][0], rel=1e-5)
+    for key, value in steps[0][1].items():
+        np.testing.assert_allclose(steps[1][1][key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_plan_modes_name_their_signatures(imu_bundle):
