@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -217,27 +218,26 @@ def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads
         return correlate(reach, (slice(None), slice(None)))
     if tuple(dilation) != (1, 1):
         raise ValueError(f"a strided convolution cannot be dilated (strides {strides}, dilation {dilation})")
-    phases = [[_phase(in_hw[a], dy.shape[1 + a], kernel_hw[a], strides[a], pads[a][0], q) for q in range(strides[a])]
-              for a in range(2)]
+    phases = [[_phase(in_hw[a], kernel_hw[a], strides[a], pads[a][0], q) for q in range(strides[a])] for a in range(2)]
     rows = []
     for ph in phases[0]:
         cols = []
         for pw in phases[1]:
-            if ph[0] == 0 or pw[0] == 0:  # no tap reaches these input positions
+            if not ph.taps or not pw.taps:  # no tap reaches these input positions
                 cols.append(None)
                 continue
-            window = tap_window(dy, ((-ph[2], 0), (-pw[2], 0)), (0, 0), (ph[3] + ph[0] - 1, pw[3] + pw[0] - 1),
-                                (1, 1), (1, 1))
-            cols.append(correlate(window, (ph[1], pw[1])))
+            window = tap_window(dy, ((-ph.first, 0), (-pw.first, 0)), (0, 0),
+                                (ph.count + ph.taps - 1, pw.count + pw.taps - 1), (1, 1), (1, 1))
+            cols.append(correlate(window, (ph.kernel_slice, pw.kernel_slice)))
         rows.append(cols)
     made = next(t for cols in rows for t in cols if t is not None)
     full = [-(-in_hw[a] // strides[a]) for a in range(2)]  # positions of the largest phase along each axis
     channels = made.shape[3]
 
-    def sized(t: tf.Tensor | None, ph: tuple, pw: tuple) -> tf.Tensor:
+    def sized(t: tf.Tensor | None, ph: _Phase, pw: _Phase) -> tf.Tensor:
         if t is None:
             return tf.zeros([made.shape[0], *full, channels], made.dtype)
-        return pad_hw(t, ((0, full[0] - ph[3]), (0, full[1] - pw[3])))
+        return pad_hw(t, ((0, full[0] - ph.count), (0, full[1] - pw.count)))
 
     # concatenating the phases along channels and reshaping interleaves them: (…, w, q, c) is column s·w + q
     interleaved = []
@@ -251,19 +251,22 @@ def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads
     return dx[:, :in_hw[0], :in_hw[1], :]
 
 
-def _phase(size: int, out: int, kernel: int, stride: int, pad: int, q: int) -> tuple[int, slice, int, int]:
-    """One polyphase component of a strided input gradient along one axis: input positions ``s·a + q``.
+class _Phase(NamedTuple):
+    """One polyphase component of a strided input gradient along one axis: the input positions ``s·a + q``."""
 
-    Returns ``(taps, kernel_slice, first, count)``: how many kernel taps reach them, which taps of the *flipped*
-    kernel they are (in correlation order), the ``dy`` index the first correlation window starts at (may be
-    negative: zero padding), and how many such input positions there are.
-    """
+    taps: int  # how many kernel taps reach them
+    kernel_slice: slice  # those taps in the *flipped* kernel, in correlation order
+    first: int  # the ``dy`` index the first correlation window starts at (negative: zero padding)
+    count: int  # how many such input positions there are
+
+
+def _phase(size: int, kernel: int, stride: int, pad: int, q: int) -> _Phase:
     r = (q + pad) % stride  # the first tap k ≡ q + pad (mod s)
     taps = max(0, -(-(kernel - r) // stride))
     count = -(-(size - q) // stride)
     base = (q + pad - r) // stride  # dy row of tap r for a = 0; tap r + j·s reads row base - j
     start = kernel - 1 - r - (taps - 1) * stride  # flipped index of the last tap, r + (taps - 1)·s
-    return taps, slice(start, kernel, stride) if taps else slice(0, 0), base - (taps - 1), count
+    return _Phase(taps, slice(start, kernel, stride) if taps else slice(0, 0), base - (taps - 1), count)
 
 
 def flatten_rows(x: tf.Tensor) -> tf.Tensor:
