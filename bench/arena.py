@@ -51,11 +51,11 @@ def interpreter_arena(path: Path, signature: str) -> dict[int, dict]:
     runner(**inputs)
     wrapper = interp._interpreter
     flatbuffer = path.read_bytes()
-    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    model = schema.Model.GetRootAs(flatbuffer, 0)  # accessors: live_profile has the unpacked model already
     out = {}
     for sub in [wrapper.GetSubgraphIndexFromSignature(signature)]:  # called subgraphs' views are not reliable
         arena_ids = {t.index for t in live_profile(flatbuffer, subgraph=sub).tensors}
-        known = len(model.subgraphs[sub].tensors)
+        known = model.Subgraphs(sub).TensorsLength()
         spans, temporaries = [], []
         for i in range(wrapper.NumTensors(sub)):
             if i < known and i not in arena_ids:

@@ -19,14 +19,13 @@ from hosvd_contract import BundleError, Sig
 def _subgraph_names(model: bytes) -> dict[str, str]:
     """signature key -> name of its subgraph, read with the same flatbuffer helpers."""
     root = runtime._u32(model, 0)
-    subgraphs = runtime._tables(model, runtime._field(model, root, runtime._MODEL_SUBGRAPHS))
-    names = {}
+    names = _all_subgraph_names(model)
+    keyed = {}
     for sig in runtime._tables(model, runtime._field(model, root, runtime._MODEL_SIGNATURE_DEFS)):
         key = runtime._string(model, runtime._field(model, sig, runtime._SIGNATURE_KEY)).decode()
         index_at = runtime._field(model, sig, runtime._SIGNATURE_SUBGRAPH_INDEX)
-        graph = subgraphs[runtime._u32(model, index_at) if index_at is not None else 0]
-        names[key] = runtime._string(model, runtime._field(model, graph, runtime._SUBGRAPH_NAME)).decode()
-    return names
+        keyed[key] = names[runtime._u32(model, index_at) if index_at is not None else 0]
+    return keyed
 
 
 def _all_subgraph_names(model: bytes) -> list[str]:
