@@ -169,16 +169,20 @@ def accuracy_centred() -> list[RunSpec]:
     return _data_runs(CENTRED_METHODS, seeds=(0, 1, 2), fast=False, datasets=ACCURACY_DATASETS)
 
 
+# stages 3 and 4 of bench.archs.resnet18_style: 2 blocks of 2 convolutions each, 1 shortcut convolution
+RESNET18_LAST_TWO_STAGES = 2 * (2 * 2 + 1) + 1  # ... and the head
 DEPTH_METHODS = [*BASELINES, Setting("hosvd", 0.8), Setting("asi", asi_budget=0.25)]
 
 
 def depth() -> list[RunSpec]:
     """Where compression can show in the measured peak: MobileNetV2 224², batch 32, the last 14, 20 and 35
-    weighted layers trainable (61, 121 and 228 MiB of vanilla conv inputs), for ``recipe`` (whole batch), and
-    streamed ``none``, ``hosvd`` ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see
-    ``docs/bench.md``: each 224² conversion at these depths takes minutes)."""
-    return [run for n in (14, 20, 35)
-            for run in _grid(RunSpec("mobilenetv2", train_last=n, method="none", input_size=224), DEPTH_METHODS)]
+    weighted layers trainable (61, 121 and 228 MiB of vanilla conv inputs), and the ResNet18-style model's last
+    two stages (10 convolutions and the head), for ``recipe`` (whole batch), and streamed ``none``, ``hosvd``
+    ε 0.8 and ``asi`` at a quarter of the vanilla saved bytes (see ``docs/bench.md``: each 224² conversion at
+    these depths takes minutes)."""
+    bases = [RunSpec("mobilenetv2", train_last=n, method="none", input_size=224) for n in (14, 20, 35)]
+    bases.append(RunSpec("resnet18", train_last=RESNET18_LAST_TWO_STAGES, method="none", input_size=224))
+    return [run for base in bases for run in _grid(base, DEPTH_METHODS)]
 
 
 def tiny() -> list[RunSpec]:
