@@ -289,20 +289,25 @@ def mode_dot(t: tf.Tensor, u: tf.Tensor, mode: int, project: bool) -> tf.Tensor:
     return tf.transpose(out, inv) if mode != 3 else out
 
 
-def _summed_axis(t: tf.Tensor, mode: int) -> int:
-    """The axis a mode-n Gram is sliced along: the largest other one (every other axis is summed over, so the
-    slices' Grams add up to the whole one)."""
-    return max((a for a in range(4) if a != mode), key=lambda a: t.shape[a])
+def slice_axis(t: tf.Tensor, mode: int) -> int:
+    """The axis a computation over every mode but ``mode`` is sliced along (:func:`serial_chunks`): the
+    outermost other axis with room for the slices :func:`chunk_bounds` wants, else the longest. An outer slice
+    is one contiguous block per leading index, which GATHER copies by memcpy; a channel slice is gathered
+    element by element (the longest axis, chosen before, was usually the channels)."""
+    needed = -(-t.dtype.size * math.prod(t.shape) // CHUNK_BYTES)
+    others = [a for a in range(len(t.shape)) if a != mode]
+    return next((a for a in others if t.shape[a] >= needed), max(others, key=lambda a: t.shape[a]))
 
 
 def gram(t: tf.Tensor, mode: int) -> tf.Tensor:
     """Gram matrix of the mode-n unfolding, (I_n, I_n), without a transposed copy of ``t``.
 
-    Summed over slices (:func:`serial_chunks`). Per slice, the batch and channel modes are one matmul of a
-    reshape; the spatial modes a batched matmul over the axes before them, summed (an unfolding would first
-    materialise a full-size transpose).
+    Summed over slices of another axis (:func:`slice_axis`, :func:`serial_chunks`): every axis but ``mode`` is
+    summed over, so the slices' Grams add up to the whole one. Per slice, the batch and channel modes are one
+    matmul of a reshape; the spatial modes a batched matmul over the axes before them, summed (an unfolding
+    would first materialise a full-size transpose).
     """
-    return serial_chunks([t], _summed_axis(t, mode), lambda part: _gram_whole(part, mode), summed=True)[0]
+    return serial_chunks([t], slice_axis(t, mode), lambda part: _gram_whole(part, mode), summed=True)[0]
 
 
 def gram_times(t: tf.Tensor, mode: int, v: tf.Tensor) -> tf.Tensor:
@@ -310,7 +315,7 @@ def gram_times(t: tf.Tensor, mode: int, v: tf.Tensor) -> tf.Tensor:
     :func:`gram`. For the batch and channel modes two thin matmuls per slice, so G is never made: at 960
     channels it is 3.5 MiB per slice and N·I_n² multiply-adds, against 2·N·I_n·W here (N = the other modes'
     product); a spatial mode's Gram is small and made per slice."""
-    return serial_chunks([t], _summed_axis(t, mode), lambda part: _gram_times_whole(part, mode, v), summed=True)[0]
+    return serial_chunks([t], slice_axis(t, mode), lambda part: _gram_times_whole(part, mode, v), summed=True)[0]
 
 
 def _gram_times_whole(t: tf.Tensor, mode: int, v: tf.Tensor) -> tf.Tensor:

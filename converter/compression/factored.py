@@ -51,7 +51,7 @@ def project(x: tf.Tensor, factors: tuple[tf.Tensor | None, ...]) -> Factored:
     first, u = present[0]
     # the first product reads the full-size x: slice by slice (ops.serial_chunks), so only one slice's reshaped
     # and transposed copies exist at a time; the later ones work on the shrunk core
-    axis = max((a for a in range(4) if a != first), key=lambda a: x.shape[a])
+    axis = ops.slice_axis(x, first)
     parts = ops.serial_chunks([x], axis, lambda part: ops.mode_dot(part, u, first, project=True))
     core = tf.concat(parts, axis)  # one part: an identity, dropped by the converter
     for mode, u in present[1:]:
