@@ -38,6 +38,24 @@ def test_ratios_use_the_same_invocation_and_group() -> None:
     assert records[4]["ratios"]["vs_recipe"]["peak_rss_mib"] is None
 
 
+def test_depth_targets_compare_hosvd_with_none_of_the_same_depth() -> None:
+    deep = dict(model="mobilenetv2", input_shape=[224, 224, 3], batch_size=32, cache_speedup=None)
+    records = runner.add_ratios([
+        _record("none", 250.0, 9.0, train_last=20, **deep),
+        _record("hosvd", 140.0, 9.0, epsilon=0.8, train_last=20, **deep),
+        _record("none", 400.0, 9.0, train_last=35, **deep),
+        _record("hosvd", 280.0, 9.0, epsilon=0.8, train_last=35, **deep),
+        _record("hosvd", 10.0, 9.0, epsilon=0.8, train_last=20, cache_speedup=None),  # another model: no target
+    ])
+    lines = [line for line in report.targets_section(records) if "weighted layers" in line]
+    assert lines == [
+        "- MobileNetV2 224², last 20 weighted layers, batch 32, hosvd ε 0.8: peak RSS 140.0 MiB, 0.56× of streamed "
+        "`none` (target ≤ 0.6: met).",
+        "- MobileNetV2 224², last 35 weighted layers, batch 32, hosvd ε 0.8: peak RSS 280.0 MiB, 0.70× of streamed "
+        "`none` (target ≤ 0.5: not met).",
+    ]
+
+
 @pytest.mark.parametrize("field", [f for f in runner.GROUP_FIELDS if f != "invocation"])
 def test_a_baseline_from_another_setting_is_never_used(field: str) -> None:
     other = {"model": "other", "input_size": 96, "train_last": 5, "batch_size": 32, "dataset": "digits",
