@@ -154,9 +154,11 @@ def _tap_range(size: int, out: int, tap: int, stride: int, dilation: int, pad: i
 
 
 def tap_window(x: tf.Tensor, pads: Pads, tap: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
-               dilation: tuple[int, int]) -> tf.Tensor:
+               dilation: tuple[int, int], after: tf.Tensor | None = None) -> tf.Tensor:
     """The (B, H', W', C) window of *unpadded* ``x`` that kernel tap ``tap`` multiplies, zero where it reads the
-    padding: a slice of ``x`` padded by its own few rows/columns, so no padded copy of ``x`` is made."""
+    padding: a slice of ``x`` padded by its own few rows/columns, so no padded copy of ``x`` is made. With
+    ``after``, its rows are a GATHER at indices tied to ``after`` (:func:`depend`), so the window is taken only
+    once ``after`` exists (as :func:`serial_chunks` does)."""
     begin, end, edges = [], [], []
     for a in range(2):
         lo, hi = _tap_range(x.shape[1 + a], out_hw[a], tap[a], strides[a], dilation[a], pads[a][0])
@@ -167,7 +169,12 @@ def tap_window(x: tf.Tensor, pads: Pads, tap: tuple[int, int], out_hw: tuple[int
         end.append(start + (hi - lo - 1) * strides[a] + 1)
         edges.append((lo, out_hw[a] - hi))
     whole = all(begin[a] == 0 and end[a] == x.shape[1 + a] and strides[a] == 1 for a in range(2))
-    window = x if whole else x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]  # no copy of x
+    if after is not None:
+        rows = tf.gather(x, depend(tf.range(begin[0], end[0], strides[0]), after), axis=1)
+        window = rows if begin[1] == 0 and end[1] == x.shape[2] and strides[1] == 1 else \
+            rows[:, :, begin[1]:end[1]:strides[1], :]
+    else:
+        window = x if whole else x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]  # no copy of x
     return pad_hw(window, tuple(edges))
 
 
@@ -194,6 +201,27 @@ def im2col_matmul(x: tf.Tensor, weights: tf.Tensor, kernel_hw: tuple[int, int], 
     cols = im2col(x, kernel_hw, strides, dilation, pads)
     y = matmul(flatten_rows(cols), weights, transpose_b=transpose_weights)
     return tf.reshape(y, [-1, *cols.shape[1:3], y.shape[-1]])  # the batch may be dynamic (infer, features)
+
+
+def tap_chain_conv(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int], dilation: tuple[int, int],
+                   pads: Pads) -> tf.Tensor:
+    """Convolution of ``x`` padded by ``pads`` with a (KH, KW, C, N) ``kernel`` as one BATCH_MATMUL per tap,
+    summed: (B, H', W', N). Each tap's window waits for the previous taps' sum (:func:`tap_window` with
+    ``after``), so one window is alive at a time, where CONV_2D on the built-in kernels (a variable filter)
+    allocates an im2col scratch of all KH·KW windows at once (55 MiB for a 3×3 conv at 14×14×256, batch 32).
+    Each tap's (C, N) kernel slice is a GATHER tied the same way: sliced statically, the converter made every
+    layer's slices at the start of the step and kept them (27 MiB for the ResNet18-style model's last stage)."""
+    kh, kw, c, n = kernel.shape
+    taps = tf.reshape(kernel, [kh * kw, c, n])
+    out_hw = tuple(out_size(x.shape[1 + a], (kh, kw)[a], strides[a], dilation[a], pads[a]) for a in range(2))
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            window = tap_window(x, pads, (i, j), out_hw, strides, dilation, after=y)
+            tap = tf.gather(taps, depend(tf.constant([i * kw + j]), x if y is None else y))
+            part = matmul(flatten_rows(window), tf.reshape(tap, [c, n]))
+            y = part if y is None else y + part
+    return tf.reshape(y, [-1, *out_hw, kernel.shape[3]])  # the batch may be dynamic (infer, features)
 
 
 def input_grad_via_correlation(dy: tf.Tensor, in_hw: tuple[int, int], pads: Pads, kernel_hw: tuple[int, int],

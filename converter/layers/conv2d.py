@@ -5,10 +5,13 @@ shifted matmuls over the Tucker factors (correct for every stride, padding and d
 TRANSPOSE_CONV, or correlations of ``dy`` with the flipped kernel (one per phase when strided:
 :func:`converter.ops.input_grad_via_correlation`). A trained kernel is a variable, which XNNPACK
 does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable 1×1 layer
-run as BATCH_MATMULs (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape). A trainable k×k layer
-keeps CONV_2D / TRANSPOSE_CONV on the built-in kernels: its im2col would hold KH·KW copies of the input (a 3×3
-conv at 96×96×32, batch 16: 170 MiB; ``tests/converter/test_measure.py``'s model peaked at 553 MiB with it
-against 363 without), and the step's peak must not rise for speed. Frozen layers keep CONV_2D.
+run as BATCH_MATMULs (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape). A trainable k×k
+layer's forward is one BATCH_MATMUL per tap, summed, one window alive at a time
+(:func:`converter.ops.tap_chain_conv`): the built-in CONV_2D allocated an im2col scratch of all KH·KW windows
+(55 MiB for a 3×3 conv at 14×14×256, batch 32), and a whole im2col tensor is as large (``tests/converter/
+test_measure.py``'s model peaked at 553 MiB with it against 363 without). Measured on the ResNet18-style
+model's last two stages (224², batch 32, streamed): hosvd 362.2 → 330.7 MiB, none 356.3 → 357.5, both steps
+≈ 35 % faster. Its input gradient keeps TRANSPOSE_CONV on the built-in kernels. Frozen layers keep CONV_2D.
 
 The forward's im2col pads each tap's window by itself and never makes the padded input: the TFLite converter
 folds ``engine.after_dy``'s tie, so a whole padded input in the forward would be the very tensor the weight
@@ -66,11 +69,14 @@ def lowered(cfg: dict) -> bool:
 
 
 def conv(x: tf.Tensor, kernel: tf.Tensor, cfg: dict, trainable: bool) -> tf.Tensor:
-    """The forward convolution: a matmul for a trained 1×1 kernel, CONV_2D otherwise (see the module docstring)."""
+    """The forward convolution: for a trained kernel a matmul (1×1) or a chain of per-tap matmuls (k×k), CONV_2D
+    for a frozen one (see the module docstring)."""
     if trainable and lowered(cfg):
         kh, kw, c_in, c_out = kernel.shape
         return ops.im2col_matmul(x, tf.reshape(kernel, [kh * kw * c_in, c_out]), (kh, kw), cfg["strides"],
                                  cfg["dilation"], cfg["pads"])
+    if trainable:
+        return ops.tap_chain_conv(x, kernel, cfg["strides"], cfg["dilation"], cfg["pads"])
     xp = ops.pad_hw(x, cfg["pads"])
     return tf.nn.conv2d(xp, kernel, strides=cfg["strides"], padding="VALID", dilations=cfg["dilation"])
 
