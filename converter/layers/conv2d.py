@@ -2,21 +2,21 @@
 
 Saves its input (through the compression method) for the weight gradient. The weight gradient is KH·KW
 shifted matmuls over the Tucker factors (correct for every stride, padding and dilation); the input gradient is
-TRANSPOSE_CONV, or correlations of ``dy`` with the flipped kernel (one per phase when strided:
-:func:`converter.ops.input_grad_via_correlation`). A trained kernel is a variable, which XNNPACK
-does not take in CONV_2D or TRANSPOSE_CONV, so the forward and input-gradient convolutions of a trainable 1×1 layer
-run as BATCH_MATMULs (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape). A trainable k×k
-layer's forward is one BATCH_MATMUL per tap, summed, one window alive at a time
-(:func:`converter.ops.tap_chain_conv`): the built-in CONV_2D allocated an im2col scratch of all KH·KW windows
-(55 MiB for a 3×3 conv at 14×14×256, batch 32), and a whole im2col tensor is as large (``tests/converter/
-test_measure.py``'s model peaked at 553 MiB with it against 363 without). Measured on the ResNet18-style
-model's last two stages (224², batch 32, streamed): hosvd 362.2 → 330.7 MiB, none 356.3 → 357.5, both steps
-≈ 35 % faster. Its input gradient keeps TRANSPOSE_CONV on the built-in kernels. Frozen layers keep CONV_2D.
+correlations of ``dy`` with the flipped kernel (one per phase when strided:
+:func:`converter.ops.input_grad_via_correlation`). A trained kernel is a variable, which XNNPACK does not take in
+CONV_2D or TRANSPOSE_CONV, so a trained layer's convolutions are BATCH_MATMULs on XNNPACK: for a 1×1 kernel one
+matmul (:func:`converter.ops.im2col_matmul`, which for one tap is a reshape), for a k×k kernel one matmul per
+tap, summed, one window alive at a time (:func:`converter.ops.tap_chain_conv`), forward and input gradient alike.
+The built-in CONV_2D allocated an im2col scratch of all KH·KW windows (55 MiB for a 3×3 conv at 14×14×256, batch
+32) and TRANSPOSE_CONV scratch of its own; a whole im2col tensor is as large (``tests/converter/test_measure.py``'s
+model peaked at 553 MiB with it against 363 without). Measured on the ResNet18-style model's last two stages
+(224², batch 32, streamed): hosvd 362.2 → 292.5 MiB, none 356.3 → 313.1 (docs/bench.md, "Training-step speed").
+Frozen layers keep CONV_2D.
 
-The forward's im2col pads each tap's window by itself and never makes the padded input: the TFLite converter
-folds ``engine.after_dy``'s tie, so a whole padded input in the forward would be the very tensor the weight
-gradient pads and slices, shared and kept from the forward half to the backward half (65 % larger than the input
-at 7×7 with a 3×3 kernel).
+The forward's windows pad themselves (:func:`converter.ops.tap_window`) and never make the padded input: the
+TFLite converter folds ``engine.after_dy``'s tie, so a whole padded input in the forward would be the very tensor
+the weight gradient pads and slices, shared and kept from the forward half to the backward half (65 % larger
+than the input at 7×7 with a 3×3 kernel).
 """
 
 from __future__ import annotations
@@ -134,22 +134,16 @@ def input_grad(dy: tf.Tensor, kernel: tf.Tensor, cfg: dict) -> tf.Tensor:
     The flipped kernel goes in as (C_in, KH·KW·C_out) with a transposed matmul: a (KH·KW·C_out, C_in) transpose
     feeding a plain matmul is folded by the TFLite converter into a FULLY_CONNECTED, which XNNPACK refuses for a
     variable weight. The kernel is tied to ``dy``: its matmul form depends on the variable only, and the converter
-    made it in the forward half and kept it across. A k×k kernel: TRANSPOSE_CONV, or for a dilated one a
-    CONV_2D correlation (no im2col copies of ``dy`` in the arena: see the module docstring).
+    made it in the forward half and kept it across. A k×k kernel: correlations of ``dy`` with the flipped kernel,
+    each a chain of per-tap matmuls (no im2col copies of ``dy``: see the module docstring).
     """
     kh, kw = cfg["kernel_hw"]
     if not lowered(cfg):
-        (pt, pb), (pl, pr) = cfg["pads"]
-        h, w = cfg["in_hw"]
-        if cfg["dilation"] == (1, 1):
-            shape = [dy.shape[0], h + pt + pb, w + pl + pr, kernel.shape[2]]
-            dxp = tf.nn.conv2d_transpose(dy, kernel, shape, strides=cfg["strides"], padding="VALID")
-            return dxp[:, pt: pt + h, pl: pl + w, :]
-        flipped_hwio = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+        flipped_hwio = tf.transpose(tf.reverse(depend(kernel, dy), [0, 1]), [0, 1, 3, 2])
         return ops.input_grad_via_correlation(
             dy, cfg["in_hw"], cfg["pads"], cfg["kernel_hw"], cfg["strides"], cfg["dilation"],
-            lambda t, taps: tf.nn.conv2d(t, flipped_hwio[taps[0], taps[1]], strides=1, padding="VALID",
-                                         dilations=cfg["dilation"]))
+            lambda t, taps: ops.tap_chain_conv(t, flipped_hwio[taps[0], taps[1]], (1, 1), cfg["dilation"],
+                                               ((0, 0), (0, 0))))
     kernel = depend(kernel, dy)
     # one tap: nothing to flip, and it is the only tap of every phase that has one
     rows = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]), [kernel.shape[2], -1])

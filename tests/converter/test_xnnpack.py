@@ -75,16 +75,16 @@ def test_no_trainable_layer_op_falls_back_to_builtin_kernels(bundle):
         matmuls = [p for p in found if p.op == "BATCH_MATMUL"]
         assert matmuls and all(p.delegated for p in matmuls), (method, signature)
         # the trained 3×3 conv runs as one BATCH_MATMUL per tap (ops.tap_chain_conv), in both signatures; it is
-        # the first layer, so it has no input gradient (a TRANSPOSE_CONV, the one k×k op left on the built-in kernels)
+        # the first layer, so it has no input gradient
         assert not xnnpack.builtin_ops(found, refused), (signature, xnnpack.builtin_ops(found, refused))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.keras_type == "Dense" or c.kwargs.get("kernel_size") == 1],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.keras_type != "DepthwiseConv2D"], ids=lambda c: c.name)
 def test_benchmark_layers_run_on_xnnpack(case):
-    """The layers ``bench.layers`` times that are lowered (MobileNetV2's trained 1×1 convs and head), at a small
-    batch: every compute op of the training step is delegated. (A k×k Conv2D/Conv1D keeps TRANSPOSE_CONV for its
-    input gradient: converter/layers/conv2d.py.)"""
+    """The layers ``bench.layers`` times that are lowered (MobileNetV2's trained 1×1 convs and head, a 3×3 Conv2D
+    and a Conv1D, whose forward and input gradient are per-tap matmuls), at a small batch: every compute op of
+    the training step is delegated. (A depthwise layer's DEPTHWISE_CONV_2D has no XNNPACK form with a variable
+    filter.)"""
     content = layer_model(replace(case, batch=2))
     for signature in ("forward", "step"):
         found = xnnpack.placements(content, signature)
