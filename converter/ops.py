@@ -168,13 +168,12 @@ def tap_window(x: tf.Tensor, pads: Pads, tap: tuple[int, int], out_hw: tuple[int
         begin.append(start)
         end.append(start + (hi - lo - 1) * strides[a] + 1)
         edges.append((lo, out_hw[a] - hi))
-    whole = all(begin[a] == 0 and end[a] == x.shape[1 + a] and strides[a] == 1 for a in range(2))
-    if after is not None:
-        rows = tf.gather(x, depend(tf.range(begin[0], end[0], strides[0]), after), axis=1)
-        window = rows if begin[1] == 0 and end[1] == x.shape[2] and strides[1] == 1 else \
-            rows[:, :, begin[1]:end[1]:strides[1], :]
-    else:
-        window = x if whole else x[:, begin[0]:end[0]:strides[0], begin[1]:end[1]:strides[1], :]  # no copy of x
+    steps = list(strides)
+    if after is not None:  # the rows gathered: the window is cut along H already
+        x = tf.gather(x, depend(tf.range(begin[0], end[0], strides[0]), after), axis=1)
+        begin[0], end[0], steps[0] = 0, x.shape[1], 1
+    whole = all(begin[a] == 0 and end[a] == x.shape[1 + a] and steps[a] == 1 for a in range(2))
+    window = x if whole else x[:, begin[0]:end[0]:steps[0], begin[1]:end[1]:steps[1], :]  # no copy of x
     return pad_hw(window, tuple(edges))
 
 
