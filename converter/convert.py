@@ -345,6 +345,8 @@ def convert(
     if method == Method.ASI:
         comp |= {"epsilon_used": used_eps, "ram_budget_mb": ram_budget_mb,
                  "selection": selection}
+    if module.state.slots:  # where each warm-start basis lies in the one compression:state variable
+        comp["state"] = module.state.layout()
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_name=model.name,

@@ -21,6 +21,7 @@ from converter.compression.factored import Factored, tucker_elements
 from converter.compression.hosvd import Hosvd
 from converter.compression.none import Vanilla
 from converter.compression.ranks import EpsRule
+from converter.compression.state import PackedState
 from converter.compression.svd import BatchSvd
 from converter.graph import FALLBACK, Graph, Split
 from converter.layers import module_for
@@ -31,6 +32,7 @@ from converter.optimizers import OptimizerConfig, apply
 from hosvd_contract import Sig, WeightSpec
 
 COMPRESSIBLE = ("Conv2D", "Conv1D", "DepthwiseConv2D")
+STATE_NAME = "compression__state"
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,13 @@ class TrainingModule(tf.Module):
                                 name="optimizer__learning_rate")
         self.step = self._add_var("", "optimizer:step", np.zeros([1], np.float32), name="optimizer__step")
         self.compressors: dict[str, object] = {}  # keyed 'node@batch'
+        self.state = PackedState()  # every compressor's warm-start bases, in one variable
         for batch in batch_sizes:
             for node in split.trainable:
                 if node.keras_type in COMPRESSIBLE:
                     self.compressors[f"{node.name}@{batch}"] = self._compressor(node, batch, ranks, calibration)
+        if self.state.build(STATE_NAME) is not None:
+            self._register(self.state.variable, "", "compression:state", STATE_NAME)
 
     # -- construction -------------------------------------------------------------------------------------
     def _add_var(self, layer: str, role: str, value, name: str | None = None) -> tf.Variable:
@@ -105,7 +110,9 @@ class TrainingModule(tf.Module):
         value = np.asarray(value, np.float32)
         if value.ndim == 0:  # it would become a 0-d set_weights input: see Sig / docs/bundle.md
             raise ValueError(f"variable {name} is 0-d; bundle variables travel with shape [1] at least")
-        var = tf.Variable(value, name=name)
+        return self._register(tf.Variable(value, name=name), layer, role, name)
+
+    def _register(self, var: tf.Variable, layer: str, role: str, name: str) -> tf.Variable:
         self._vars.append(var)
         self.weight_specs.append(WeightSpec(name=name, layer=layer, role=role, shape=list(var.shape)))
         return var
@@ -129,16 +136,10 @@ class TrainingModule(tf.Module):
             calib = calibration.get(node.name) if calibration else None  # the bases of modes H, W, C fit any batch
             extras = (dict(warm=c.warm_start, oversample=c.oversample, batch_iters=c.batch_iters)
                       if c.method == Method.HOSVD else {})  # svd has only the batch mode: its steps are ``iters``
-            compressor = method_cls(shape, c.epsilon, ranks, c.iters, name=name, calibration=calib, rule=c.eps_rule,
-                                    **extras)
-        else:
-            calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
-            compressor = Asi(shape, ranks, calib, name=name)
-        for role, var in compressor.variables().items():
-            self._vars.append(var)
-            self.weight_specs.append(WeightSpec(name=var.name.split(":")[0], layer=node.layer, role=role,
-                                                shape=list(var.shape)))
-        return compressor
+            return method_cls(shape, c.epsilon, ranks, c.iters, name=name, layer=node.layer, state=self.state,
+                              calibration=calib, rule=c.eps_rule, **extras)
+        calib = calibration.get(node.name) if calibration and batch == self.batch_sizes[0] else None
+        return Asi(shape, ranks, calib, name=name, layer=node.layer, state=self.state)
 
     # -- graph pieces -------------------------------------------------------------------------------------
     def _params(self, node: Node) -> dict:
@@ -172,16 +173,14 @@ class TrainingModule(tf.Module):
     def train_from_features(self, features: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         """One optimizer step; returns the loss and the number correct *before* the update."""
         batch = features.shape[0]
-        state_updates: list = []
+        state = self.state.begin()
 
         def compress(node: Node, x: tf.Tensor):
-            factored, updates = self.compressors[f"{node.name}@{batch}"].compress(x)
-            state_updates.extend(updates)
-            return factored
+            return self.compressors[f"{node.name}@{batch}"].compress(x, state)
 
         loss, correct, weight_grads = self.gradients(features, y, compress)
         step = self.step + 1.0
-        updates = [self.step.assign(step), *state_updates]
+        updates = [self.step.assign(step), *state.assign()]
         lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
         for node in self.split.trainable:
             for role, var in self.trainable_vars[node.name].items():

@@ -38,8 +38,9 @@ def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
     (packed uint8 masks, whose ADD is not a builtin) a SLICE starting at that zero, which the converter keeps for
     a computed tensor but folds away for a constant one (a slice as large as its input can only start at 0).
 
-    Every op but the ADD runs on the built-in kernels (a shrinking STRIDED_SLICE, LESS, CAST): XNNPACK holds
-    ≈ 20 KiB for each op it takes, whatever its size, and a deep hosvd step has hundreds of these ties (an
+    Every op but the ADD runs on the built-in kernels (a shrinking STRIDED_SLICE, LESS, CAST): every op XNNPACK
+    takes holds a few KiB whatever its size (its own copy of the table of resource variables, ≈ 40 B per
+    variable, :mod:`converter.compression.state`), and a deep hosvd step has hundreds of these ties (an
     earlier ``min(|s|, 0)`` on a sliced and reshaped element gave it five ops each).
     """
     # the first element read in place (a flattening RESHAPE first copied the whole of a tensor that other ops

@@ -109,7 +109,7 @@ def delegate_only(model: bytes, signatures: Iterable[str]) -> bytes:
     signature runs: it packs a copy of the constant weights of each (the frozen prefix appears in ``infer``,
     ``evaluate``, ``train`` and ``features``). Renamed subgraphs are left to the builtin kernels. That includes
     the control-flow bodies the kept signatures call (hosvd's Gram–Schmidt loops over a few columns): XNNPACK
-    holds ≈ 20 KiB for every op it takes, whatever its size, and gains nothing on ops that small (hosvd, last 20
+    holds a few KiB for every op it takes, whatever its size, and gains nothing on ops that small (hosvd, last 20
     layers of MobileNetV2: 11.7 MiB less, step as fast). The new names are appended to the buffer (flatbuffer
     offsets point forward) and only the name offsets change; the result is built in one copy. A subgraph without
     a name field is left as it is.

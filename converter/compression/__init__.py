@@ -1,7 +1,8 @@
 """Compression methods for the activations saved for the weight gradient; one small module each.
 
-Every method builds a per-layer object with ``compress(x) -> (Factored, update ops)``, ``ranks``,
-``saved_elements()`` and ``variables()``; the layers only see :class:`~converter.compression.factored.Factored`.
+Every method builds a per-layer object with ``compress(x, step) -> Factored`` (its state, the warm-start bases,
+read from and written to the step's :class:`~converter.compression.state.StateStep`), ``ranks`` and
+``saved_elements()``; the layers only see :class:`~converter.compression.factored.Factored`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 After the follow-up paper (ASI, ICML 2025): the ranks are chosen once, at conversion, from calibration data and
 a budget for the saved activations (per layer the ε whose measured gradient error is least under the budget, a
-knapsack over layers); the bases live in variables (returned by ``get_weights`` as
-``compression:basis_mode<n>``) and each training step refines them with a single multiplication by the Gram
-matrix and a Gram–Schmidt pass, so no ε test or sorting runs on the device.
+knapsack over layers); the bases live in the bundle's state variable (``compression:state`` in ``get_weights``,
+:mod:`converter.compression.state`) and each training step refines them with a single multiplication by the
+Gram matrix and a Gram–Schmidt pass, so no ε test or sorting runs on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import Factored, project, tucker_elements
 from converter.compression.ranks import EpsRule, mode_spectrum, rank_from_energy
+from converter.compression.state import PackedState, StateStep
 from converter.compression.subspace import WarmBases, orthonormalize
 
 log = logging.getLogger(__name__)
@@ -127,26 +128,23 @@ def choose_ranks(activations: list[np.ndarray], eps: float, budget_bytes: int | 
 
 
 class Asi:
-    """Per-layer ASI state: fixed ranks and warm-start bases in variables."""
+    """Per-layer ASI state: fixed ranks and warm-start bases (slots of ``state``)."""
 
     method = "asi"
 
     def __init__(self, shape: tuple[int, ...], ranks: list[int | None], calibration: np.ndarray | None,
-                 name: str):
+                 name: str, layer: str = "", state: PackedState | None = None):
         self.shape = shape
         self.ranks = ranks
-        self.warm = WarmBases(shape, ranks, name, calibration)
+        self.warm = WarmBases(shape, ranks, name, PackedState() if state is None else state, layer, calibration)
 
-    def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
+    def compress(self, x: tf.Tensor, step: StateStep | None = None) -> Factored:
+        """The saved form of ``x``; the refined bases go to ``step``."""
         factors: list[tf.Tensor | None] = [None] * len(self.shape)
-        updates = []
-        for mode in self.warm.bases:
-            factors[mode] = orthonormalize(ops.gram_times(x, mode, self.warm.start(mode)))
-            updates.append(self.warm.update(mode, factors[mode]))
-        return project(x, tuple(factors)), updates
+        for mode in self.warm.modes:
+            factors[mode] = orthonormalize(ops.gram_times(x, mode, self.warm.start(mode, step)))
+            self.warm.update(mode, factors[mode], step)
+        return project(x, tuple(factors))
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:
         return tucker_elements(self.shape, tuple(self.ranks if ranks is None else ranks))
-
-    def variables(self) -> dict[str, tf.Variable]:
-        return self.warm.variables()

@@ -16,6 +16,7 @@ import tensorflow as tf
 from converter import ops
 from converter.compression.factored import BATCH, CHANNELS, Factored, project, tucker_elements
 from converter.compression.ranks import EpsRule, eps_mask
+from converter.compression.state import PackedState, StateStep
 from converter.compression.subspace import WarmBases, leading_eigvecs, start_matrix
 
 
@@ -88,17 +89,18 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
 class Hosvd:
     """Per-layer HOSVD state: static maximum ranks (``None`` = whole mode), fixed starts, warm-start bases.
 
-    With ``warm`` every mode but the batch mode starts from the previous step's basis (kept in variables,
-    :class:`~converter.compression.subspace.WarmBases`); the batch mode holds other samples at every step, so
-    its previous basis says nothing about the next batch and it starts cold each time.
+    With ``warm`` every mode but the batch mode starts from the previous step's basis (slots of ``state``,
+    :class:`~converter.compression.subspace.WarmBases`); the batch mode holds other samples at every step, so its
+    previous basis says nothing about the next batch and it starts cold each time.
     """
 
     method = "hosvd"
     modes: tuple[int, ...] = (0, 1, 2, 3)
 
     def __init__(self, shape: tuple[int, ...], eps: float, ranks: list[int | None], iters: int, *,
-                 name: str = "hosvd", calibration: np.ndarray | None = None, warm: bool = True,
-                 oversample: int = 0, batch_iters: int | None = None, rule: EpsRule = EpsRule.ENERGY):
+                 name: str = "hosvd", layer: str = "", state: PackedState | None = None,
+                 calibration: np.ndarray | None = None, warm: bool = True, oversample: int = 0,
+                 batch_iters: int | None = None, rule: EpsRule = EpsRule.ENERGY):
         self.shape = shape
         self.eps = eps
         self.rule = rule
@@ -108,16 +110,17 @@ class Hosvd:
         width = [None if r is None else min(shape[m], r + oversample) for m, r in enumerate(ranks)]
         self.starts = [None if w is None else start_matrix(shape[m], w, seed=m) for m, w in enumerate(width)]
         warm_widths = [w if (warm and m != BATCH) else None for m, w in enumerate(width)]
-        self.warm = WarmBases(shape, warm_widths, name, calibration)
+        self.warm = WarmBases(shape, warm_widths, name, PackedState() if state is None else state, layer,
+                              calibration)
 
-    def compress(self, x: tf.Tensor) -> tuple[Factored, list]:
-        starts = [self.warm.start(m) if m in self.warm.bases else s for m, s in enumerate(self.starts)]
+    def compress(self, x: tf.Tensor, step: StateStep | None = None) -> Factored:
+        """The saved form of ``x``; the new warm-start bases go to ``step``."""
+        starts = [self.warm.start(m, step) if m in self.warm.keys else s for m, s in enumerate(self.starts)]
         factored, _, bases = hosvd(x, self.eps, starts, self.iters, self.ranks, self.batch_iters, self.rule)
-        return factored, [self.warm.update(m, bases[m]) for m in self.warm.bases]
+        for m in self.warm.modes:
+            self.warm.update(m, bases[m], step)
+        return factored
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:
         """The paper's metric at ``ranks`` (default: the static maximum ranks)."""
         return tucker_elements(self.shape, tuple(self.ranks if ranks is None else ranks))
-
-    def variables(self) -> dict[str, tf.Variable]:
-        return self.warm.variables()

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from converter.compression.ranks import mode_basis
+from converter.compression.state import PackedState, StateStep
 
 _TINY = 1e-30
 _DEPENDENT = 1e-3  # relative norm left after projection below which a column counts as linearly dependent
@@ -77,19 +78,21 @@ def leading_eigvecs(times: Callable[[tf.Tensor], tf.Tensor], start: np.ndarray |
 
 
 class WarmBases:
-    """Per-mode bases kept in variables across training steps, the warm starts of the subspace iteration.
+    """Per-mode bases kept across training steps, the warm starts of the subspace iteration.
 
     Consecutive batches of one layer span nearly the same subspace, so one iteration from the previous step's
     basis does what several from a fixed start do. A basis starts (the cold start of the first step) as the
     leading singular vectors of calibration activations when given, else as :func:`start_matrix`. A column that
     the iteration zeroed (linearly dependent on that batch) restarts from the fixed start, so it cannot stay
-    dead for later batches. Returned by ``get_weights`` as ``compression:basis_mode<n>``: checkpoints keep them.
+    dead for later batches. The bases are slots of the bundle's one state variable
+    (:class:`~converter.compression.state.PackedState`, role ``compression:state`` in ``get_weights``, so
+    checkpoints keep them; the manifest's ``compression.state`` says where each ``basis_mode<n>`` lies).
     """
 
-    def __init__(self, shape: tuple[int, ...], ranks: list[int | None], name: str,
-                 calibration: np.ndarray | None = None):
+    def __init__(self, shape: tuple[int, ...], ranks: list[int | None], name: str, state: PackedState,
+                 layer: str = "", calibration: np.ndarray | None = None):
         self.fixed: dict[int, np.ndarray] = {}
-        self.bases: dict[int, tf.Variable] = {}
+        self.keys: dict[int, str] = {}
         for mode, rank in enumerate(ranks):
             if rank is None:
                 continue
@@ -99,16 +102,17 @@ class WarmBases:
             else:  # fewer singular vectors than the rank (a small calibration set): the rest start dead
                 found = mode_basis(calibration, mode, rank)
                 init = np.pad(found, [(0, 0), (0, rank - found.shape[1])])
-            self.bases[mode] = tf.Variable(init, name=f"{name}_basis_mode{mode}")
+            self.keys[mode] = state.add(f"{name}_basis_mode{mode}", layer, f"basis_mode{mode}", init)
 
-    def start(self, mode: int) -> tf.Tensor:
+    @property
+    def modes(self) -> list[int]:
+        return list(self.keys)
+
+    def start(self, mode: int, step: StateStep) -> tf.Tensor:
         """This step's start for ``mode``: the previous basis, dead (zero) columns refilled from the fixed start."""
-        basis = self.bases[mode]
+        basis = step.read(self.keys[mode])
         alive = tf.reduce_sum(basis * basis, axis=0, keepdims=True) > 0.25
         return tf.where(alive, basis, tf.constant(self.fixed[mode]))
 
-    def update(self, mode: int, q: tf.Tensor) -> tf.Operation:
-        return self.bases[mode].assign(q)
-
-    def variables(self) -> dict[str, tf.Variable]:
-        return {f"compression:basis_mode{m}": v for m, v in self.bases.items()}
+    def update(self, mode: int, q: tf.Tensor, step: StateStep) -> None:
+        step.write(self.keys[mode], q)

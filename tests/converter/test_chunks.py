@@ -75,7 +75,7 @@ def test_wide_channel_modes_never_make_their_gram_matrix():
 
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], autograph=False)
     def compress(t):
-        return {"core": compressor.compress(t)[0].core}
+        return {"core": compressor.compress(t).core}
 
     graph = schema.ModelT.InitFromPackedBuf(convert_builtin(compress), 0).subgraphs[0]
     shapes = {tuple(t.shape) for t in graph.tensors if t.shape is not None}
