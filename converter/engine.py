@@ -180,7 +180,8 @@ class TrainingModule(tf.Module):
 
         loss, correct, weight_grads = self.gradients(features, y, compress)
         step = self.step + 1.0
-        updates = [self.step.assign(step), *state.assign()]
+        last = weight_grads[self.split.trainable[0].name]  # the backward pass ends at the first trained layer
+        updates = [self.step.assign(step), *state.assign(after=next(iter(last.values())))]
         lr, step = tf.reshape(self.lr, []), tf.reshape(step, [])
         for node in self.split.trainable:
             for role, var in self.trainable_vars[node.name].items():

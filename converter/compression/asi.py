@@ -143,7 +143,7 @@ class Asi:
         factors: list[tf.Tensor | None] = [None] * len(self.shape)
         for mode in self.warm.modes:
             factors[mode] = orthonormalize(ops.gram_times(x, mode, self.warm.start(mode, step)))
-            self.warm.update(mode, factors[mode], step)
+            self.warm.update(mode, factors[mode], step, read_later=True)  # also the saved factor
         return project(x, tuple(factors))
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from converter.ops import depend
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -86,13 +88,21 @@ class StateStep:
             self._flat = self.store.variable.read_value()
         return tf.reshape(self._flat[slot.offset:slot.offset + slot.size], slot.shape)
 
-    def write(self, key: str, value: tf.Tensor) -> None:
-        self._new[key] = value
+    def write(self, key: str, value: tf.Tensor, read_later: bool = False) -> None:
+        """``value`` is ``key``'s new basis; ``read_later`` when the backward pass still reads it (asi's factors)."""
+        self._new[key] = (value, read_later)
 
-    def assign(self) -> list:
-        """The write of every basis this step updated (and the others as read), or nothing to write."""
+    def assign(self, after: tf.Tensor) -> list:
+        """The write of every basis this step updated (and the others as read), or nothing to write.
+
+        A basis the backward pass still reads is flattened once ``after`` (the step's last gradient) exists:
+        flattened where it was made, it was copied there and the copy kept beside it through the loss."""
         if not self._new:
             return []
-        parts = [tf.reshape(self._new[k], [-1]) if k in self._new else tf.reshape(self.read(k), [-1])
-                 for k in self.store.slots]
+        parts = []
+        for key in self.store.slots:
+            value, late = self._new.get(key, (None, False))
+            if value is None:
+                value = self.read(key)
+            parts.append(tf.reshape(depend(value, after) if late else value, [-1]))
         return [self.store.variable.assign(tf.concat(parts, 0))]

@@ -114,5 +114,5 @@ class WarmBases:
         alive = tf.reduce_sum(basis * basis, axis=0, keepdims=True) > 0.25
         return tf.where(alive, basis, tf.constant(self.fixed[mode]))
 
-    def update(self, mode: int, q: tf.Tensor, step: StateStep) -> None:
-        step.write(self.keys[mode], q)
+    def update(self, mode: int, q: tf.Tensor, step: StateStep, read_later: bool = False) -> None:
+        step.write(self.keys[mode], q, read_later)
