@@ -7,6 +7,7 @@ import math
 import tensorflow as tf
 
 from converter.compression.factored import Factored
+from converter.compression.state import StateStep
 
 
 class Vanilla:
@@ -18,7 +19,7 @@ class Vanilla:
         self.shape = shape
         self.ranks: list[int | None] = [None] * len(shape)
 
-    def compress(self, x: tf.Tensor, step=None) -> Factored:
+    def compress(self, x: tf.Tensor, step: StateStep | None = None) -> Factored:
         return Factored.whole(x)
 
     def saved_elements(self, ranks: list[int | None] | None = None) -> int:

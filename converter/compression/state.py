@@ -25,7 +25,6 @@ from converter.ops import depend
 class Slot:
     """Where one basis lives in the flat state."""
 
-    key: str
     layer: str
     role: str
     offset: int
@@ -51,7 +50,7 @@ class PackedState:
         if key in self.slots:
             raise ValueError(f"compression state {key!r} registered twice")
         offset = sum(s.size for s in self.slots.values())
-        self.slots[key] = Slot(key, layer, role, offset, tuple(initial.shape))
+        self.slots[key] = Slot(layer, role, offset, tuple(initial.shape))
         self._initial.append(np.asarray(initial, np.float32).reshape(-1))
         return key
 
@@ -69,10 +68,6 @@ class PackedState:
         """For the manifest: each basis' layer, role, offset and shape in the flat vector."""
         return [dict(layer=s.layer, role=s.role, offset=s.offset, shape=list(s.shape)) for s in self.slots.values()]
 
-    def unpack(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """A flat state (from ``get_weights``) as its bases, by key."""
-        return {k: flat[s.offset:s.offset + s.size].reshape(s.shape) for k, s in self.slots.items()}
-
 
 class StateStep:
     """One signature's reads and writes of the packed state; the variable is read at the first :meth:`read`."""
@@ -80,7 +75,7 @@ class StateStep:
     def __init__(self, store: PackedState):
         self.store = store
         self._flat: tf.Tensor | None = None
-        self._new: dict[str, tf.Tensor] = {}
+        self._new: dict[str, tuple[tf.Tensor, bool]] = {}  # key -> (new basis, read later by the backward)
 
     def read(self, key: str) -> tf.Tensor:
         slot = self.store.slots[key]
@@ -101,8 +96,6 @@ class StateStep:
             return []
         parts = []
         for key in self.store.slots:
-            value, late = self._new.get(key, (None, False))
-            if value is None:
-                value = self.read(key)
+            value, late = self._new[key] if key in self._new else (self.read(key), False)
             parts.append(tf.reshape(depend(value, after) if late else value, [-1]))
         return [self.store.variable.assign(tf.concat(parts, 0))]
