@@ -124,7 +124,7 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict) -> tf.Tensor:
     u_c = saved.factors[CHANNELS]
     c_in = saved.core.shape[3] if u_c is None else u_c.shape[0]
     return weight_grad_taps(saved, dy, cfg,
-                            lambda window, dy_b: lift_channels(saved, ops.matmul(window, dy_b, transpose_a=True)),
+                            lambda window, dy_b: lift_channels(saved, ops.matmul_tn(window, dy_b)),
                             (c_in, dy.shape[-1]))
 
 

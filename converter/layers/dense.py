@@ -36,7 +36,7 @@ def forward(node: Node, params: dict, xs: list[tf.Tensor], ctx: ForwardContext):
 
 def backward(node: Node, params: dict, saved: tf.Tensor, dy: tf.Tensor, need_dx: bool):
     x2, dy2 = ops.flatten_rows(saved), ops.flatten_rows(dy)
-    grads = {"kernel": ops.matmul(x2, dy2, transpose_a=True)}
+    grads = {"kernel": ops.matmul_tn(x2, dy2)}
     if "bias" in params:
         grads["bias"] = tf.reduce_sum(dy2, axis=0)
     dx = None

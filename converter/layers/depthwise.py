@@ -48,7 +48,7 @@ def weight_grad(saved: Factored, dy: tf.Tensor, cfg: dict, kernel_shape) -> tf.T
             return tf.expand_dims(tf.reduce_sum(window * dy_b, axis=0), 1)
         if u_c is None:
             return tf.reduce_sum(tf.expand_dims(window, 2) * tf.reshape(dy_b, [-1, c, m]), axis=0)
-        g = tf.reshape(tf.matmul(window, dy_b, transpose_a=True), [u_c.shape[1], c, m])
+        g = tf.reshape(ops.matmul_tn(window, dy_b), [u_c.shape[1], c, m])
         return tf.reduce_sum(g * tf.expand_dims(tf.transpose(u_c), 2), axis=0)
 
     return conv2d.weight_grad_taps(saved, dy, cfg, tap_grad, (c, m))

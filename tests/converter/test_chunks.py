@@ -126,3 +126,35 @@ def test_the_slices_are_gathers_chained_one_after_another(small_slices):
     constant = {i for i, t in enumerate(graph.tensors) if model.buffers[t.buffer].data is not None}
     gathers = [op for op, name in zip(graph.operators, ops_run, strict=True) if name == "GATHER"]
     assert sum(op.inputs[1] in constant for op in gathers) == 1  # only the first slice's indices are constant
+
+
+
+def test_weight_gradient_products_are_summed_over_row_blocks_each_after_the_gradient(monkeypatch):
+    """``aᵀb`` above ``MATMUL_CHUNK_BYTES`` (16 KiB here: 400 rows × 24 columns make 3 blocks) equals the whole
+    product on the device runtime, and every block's rows, the first included, are a GATHER at indices computed
+    from ``b`` or the running sum: none of ``a`` is taken before the gradient exists. Below it: one matmul."""
+    x = np.random.default_rng(7).standard_normal((400, 24)).astype(np.float32)
+
+    def product() -> tf.types.experimental.GenericFunction:
+        # traced anew for each limit: a tf.function keeps the graph of its first trace
+        @tf.function(input_signature=[tf.TensorSpec(x.shape, tf.float32)], autograph=False)
+        def fn(t):
+            return {"g": ops.matmul_tn(t[:, :10], tf.nn.relu(t[:, 10:]))}
+        return fn
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    monkeypatch.setattr(ops, "MATMUL_CHUNK_BYTES", 1 << 20)
+    whole = schema.ModelT.InitFromPackedBuf(convert_builtin(product()), 0)
+    assert [names[whole.operatorCodes[op.opcodeIndex].builtinCode]
+            for op in whole.subgraphs[0].operators].count("BATCH_MATMUL") == 1
+
+    monkeypatch.setattr(ops, "MATMUL_CHUNK_BYTES", 16 << 10)
+    np.testing.assert_allclose(run_builtin(product(), x)[0], x[:, :10].T @ np.maximum(x[:, 10:], 0),
+                               rtol=1e-5, atol=1e-4)
+    model = schema.ModelT.InitFromPackedBuf(convert_builtin(product()), 0)
+    graph = model.subgraphs[0]
+    run = [names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in graph.operators]
+    gathers = [op for op, name in zip(graph.operators, run, strict=True) if name == "GATHER"]
+    constant = {i for i, t in enumerate(graph.tensors) if model.buffers[t.buffer].data is not None}
+    assert run.count("BATCH_MATMUL") == 3 and len(gathers) == 6  # a and b, per block
+    assert not any(op.inputs[1] in constant for op in gathers)
