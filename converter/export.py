@@ -14,6 +14,7 @@ from tensorflow.lite.python.lite import TFLiteSavedModelConverterV2
 from converter.engine import TrainingModule
 from converter.errors import ConversionError
 from converter.losses import Loss
+from converter.subgraphs import share_identical_subgraphs
 from hosvd_contract import Sig
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def signatures(module: TrainingModule) -> dict[str, tf.types.experimental.Concre
 
 
 def to_tflite(module: TrainingModule, progress=None) -> bytes:
-    """Save the module with its signatures and convert with builtin ops only.
+    """Save the module with its signatures and convert with builtin ops only, identical loop subgraphs shared
+    (:mod:`converter.subgraphs`).
 
     Raises:
         ConversionError: the converter needed Select TF (Flex) or custom ops, listing them.
@@ -83,6 +85,7 @@ def to_tflite(module: TrainingModule, progress=None) -> bytes:
             flatbuffer = converter.convert()
         except Exception as err:  # the converter reports unsupported ops in its message
             raise ConversionError(f"TFLite conversion with builtin ops only failed: {_short(err)}") from err
+    flatbuffer = share_identical_subgraphs(flatbuffer)
     census = op_census(flatbuffer)
     foreign = sorted(op for op in census if op.startswith("CUSTOM:") or "Flex" in op)
     if foreign:
