@@ -212,10 +212,12 @@ def deepest_fitting(need: Callable[[int], float], ceiling: float, max_depth: int
     The depth doubles from 1 while it fits, then bisection runs between the deepest that fits and the shallowest
     that does not. A doubling is capped at one past the depth where the line through the last two fitting needs
     crosses the ceiling (the need is measured by converting, slower the deeper: an uncapped doubling from 16 to 32
-    cost MobileNetV2's hosvd search 186 s for an answer of 17). A capped step that fits may be followed by another,
-    but each at least twice as long as the one before, so a prediction that keeps falling short costs about as many
-    steps as doubling: at most :func:`search_steps` ``(max_depth)`` depths are asked for (checked against exhaustive
-    search on random growing needs, ``tests/converter/test_fit.py``).
+    cost MobileNetV2's hosvd search 186 s for an answer of 17). A capped step that fits is followed by the next
+    prediction, and from the second such step in a row each is at least twice as long as the one before, so a
+    prediction that keeps falling short costs about as many steps as doubling: at most :func:`search_steps`
+    ``(max_depth)`` depths are asked for (checked against exhaustive search on random growing needs,
+    ``tests/converter/test_fit.py``). (Doubling the step after the first short one made hosvd's search at 256 MiB
+    convert the whole model, 632 s of its 1,566, right after the last 30 fitted 5 MiB under the ceiling.)
     """
     needs: dict[int, float] = {}
 
@@ -227,6 +229,7 @@ def deepest_fitting(need: Callable[[int], float], ceiling: float, max_depth: int
         return 0
     lo, hi = 1, max_depth + 1  # lo fits, hi does not (max_depth + 1 is never asked for)
     least = 1  # the shortest step a capped doubling may take
+    short = False  # whether the last step was a capped one that fitted
     while hi > lo + 1:
         if hi <= max_depth:  # a bracket: bisect it
             probe = (lo + hi) // 2
@@ -235,8 +238,9 @@ def deepest_fitting(need: Callable[[int], float], ceiling: float, max_depth: int
         doubling = min(2 * lo, max_depth)
         probe = min(doubling, max(lo + least, _crossing(needs, ceiling) + 1))
         if fits(probe):
-            least = 2 * (probe - lo) if probe < doubling else 1
-            lo = probe
+            capped = probe < doubling
+            least = 2 * (probe - lo) if capped and short else 1
+            short, lo = capped, probe
         else:
             hi = probe
     return lo

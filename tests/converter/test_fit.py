@@ -148,15 +148,30 @@ def test_search_finds_what_an_exhaustive_sweep_finds_within_its_step_bound() -> 
 def test_search_stops_doubling_where_the_fitting_slope_crosses_the_ceiling() -> None:
     """MobileNetV2 224² hosvd under 256 MiB, the needs measured by ``bench.fit`` (MiB; depths it did not measure
     interpolated): plain doubling asked for 1, 2, 4, 8, 16, 32, 24, 20, 18, 17 (833 s of conversions); the line
-    through 8 and 16 crosses 256 MiB at 16.6, so the search asks for 17, which fits, then 19 (a capped step that
-    fits is followed by one at least twice as long), then 18, and never converts 32 or 24 (490 s)."""
+    through 8 and 16 crosses 256 MiB at 16.6, so the search asks for 17, which fits, then 18 (the line through 16
+    and 17), and never converts 32 or 24."""
     measured = {1: 174.1, 2: 179.4, 4: 191.7, 8: 189.1, 16: 251.3, 17: 255.0, 18: 260.5, 20: 271.0, 24: 293.2,
                 32: 335.7, 53: 460.0}
     known = sorted(measured)
     needs = np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist()
     asked, need = counted(needs)
     assert deepest_fitting(need, 256.0, 53) == 17
-    assert asked == [1, 2, 4, 8, 16, 17, 19, 18]
+    assert asked == [1, 2, 4, 8, 16, 17, 18]
+
+
+def test_search_after_a_close_capped_step_asks_for_the_next_prediction_not_the_whole_model() -> None:
+    """The same search on 2026-12-04's code (``bench/results/fit-20261204-183206``): 30 fitted 5.4 MiB under the
+    ceiling, and doubling the step after it asked for all 53 layers (632 s of a 1,566 s search), then 41, 35, 32,
+    33. Now a second short step in a row is needed before steps must double: 32, then 36 (twice the step 30 → 32),
+    34, 33."""
+    measured = {1: 156.9, 2: 159.8, 4: 176.9, 8: 175.0, 16: 204.9, 30: 250.6, 32: 255.6, 33: 264.0, 35: 275.3,
+                41: 316.7, 53: 743.4}
+    known = sorted(measured)
+    needs = np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist()
+    asked, need = counted(needs)
+    assert deepest_fitting(need, 256.0, 53) == 32
+    assert asked == [1, 2, 4, 8, 16, 30, 32, 36, 34, 33]
+    assert max(asked) < 41
 
 
 def test_ceiling_below_the_smallest_candidate_is_a_clear_error(extremes, tmp_path: Path) -> None:
