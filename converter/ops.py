@@ -54,6 +54,38 @@ def depend(t: tf.Tensor, on: tf.Tensor) -> tf.Tensor:
     return tf.slice(t, tf.fill([len(t.shape)], tf.cast(zero, tf.int32)), t.shape)
 
 
+UNDELEGATED_BYTES = 4 << 10
+"""The largest tensor :func:`undelegated` moves into a loop body: every op XNNPACK takes costs a few KiB whatever
+its size, but every distinct loop body is a subgraph (≈ 25 KiB at load, :mod:`converter.subgraphs`) with an
+arena of its own, kept for the whole step."""
+
+
+def undelegated(fn: Callable[..., Sequence[tf.Tensor]], *inputs: tf.Tensor) -> list[tf.Tensor]:
+    """``fn(*inputs)`` run as the body of a WHILE loop that runs once, when every input and output is at most
+    :data:`UNDELEGATED_BYTES`; otherwise inline.
+
+    The device delegates only its signatures' own subgraphs to XNNPACK, never a loop body, and a deep hosvd step
+    has hundreds of ops on small bases and Rayleigh quotients that XNNPACK would take for a few KiB each while
+    gaining nothing on them (MobileNetV2's last 28 layers: 2.9 MiB less in a body per mode, step as fast). ``fn``
+    may use its arguments and constants only: its output shapes come from a scratch trace. The inputs are loop
+    variables passed through unchanged, so the converter hoists nothing out of the body.
+    """
+    def small(tensors: Sequence[tf.Tensor | tf.TensorSpec]) -> bool:
+        return all(t.dtype.size * math.prod(t.shape) <= UNDELEGATED_BYTES for t in tensors)
+
+    with tf.Graph().as_default():
+        specs = [tf.TensorSpec(o.shape, o.dtype) for o in fn(*(tf.zeros(t.shape, t.dtype) for t in inputs))]
+    if not (small(inputs) and small(specs)):
+        return list(fn(*inputs))
+    n = len(inputs)
+
+    def body(i: tf.Tensor, *loop: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        return (i + 1, *loop[:n], *fn(*loop[:n]))
+
+    init = (tf.constant(0), *inputs, *(tf.zeros(spec.shape, spec.dtype) for spec in specs))
+    return list(tf.while_loop(lambda i, *_: i < 1, body, init, maximum_iterations=1)[1 + n:])
+
+
 CHUNK_BYTES = 2 << 20
 """The largest slice a chunked computation (:func:`serial_chunks`) works on at once. Whole, a Gram matrix or a
 projection of a full-size activation made full-size copies beside it: TFLite's RESHAPE copies a tensor that other

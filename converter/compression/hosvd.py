@@ -17,7 +17,7 @@ from converter import ops
 from converter.compression.factored import BATCH, CHANNELS, Factored, project, tucker_elements
 from converter.compression.ranks import EpsRule, eps_mask
 from converter.compression.state import PackedState, StateStep
-from converter.compression.subspace import WarmBases, leading_eigvecs, start_matrix
+from converter.compression.subspace import WarmBases, by_rayleigh_quotient, start_matrix, subspace_iteration
 
 
 def max_ranks(shape: tuple[int, ...], max_rank: int, modes: tuple[int, ...]) -> list[int | None]:
@@ -75,13 +75,26 @@ def hosvd(x: tf.Tensor, eps: float, starts: list[np.ndarray | tf.Tensor | None],
             bases.append(None)
             ranks.append(tf.constant(x.shape[mode], tf.int32))
             continue
+        rank = start.shape[1] if keep is None or keep[mode] is None else keep[mode]
+
+        def finish(q: tf.Tensor, gq: tf.Tensor, total: tf.Tensor, rank: int = rank) -> tuple[tf.Tensor, ...]:
+            q, lam = by_rayleigh_quotient(q, gq)
+            mask, k = eps_mask(lam[:rank], total, eps, rule)
+            return q, q[:, :rank] * mask, k
+
+        # what works on the small bases alone runs off XNNPACK (ops.undelegated): with a small Gram matrix the
+        # whole iteration, else all but the products with the full-size unfolding
+        start = tf.constant(start) if isinstance(start, np.ndarray) else start
         g = grams.get(mode)
-        times = (lambda v, g=g: ops.matmul(g, v)) if g is not None else (lambda v, m=mode: ops.gram_times(x, m, v))
-        q, lam = leading_eigvecs(times, start, steps_of[mode])
+        if g is None:
+            q, factor, k = ops.undelegated(
+                finish, *subspace_iteration(lambda v, m=mode: ops.gram_times(x, m, v), start, steps_of[mode]), total)
+        else:
+            q, factor, k = ops.undelegated(
+                lambda g, s, t, m=mode: finish(*subspace_iteration(lambda v: ops.matmul(g, v), s, steps_of[m]), t),
+                g, start, total)
         bases.append(q)
-        rank = q.shape[1] if keep is None or keep[mode] is None else keep[mode]
-        mask, k = eps_mask(lam[:rank], total, eps, rule)
-        factors.append(q[:, :rank] * mask)
+        factors.append(factor)
         ranks.append(k)
     return project(x, tuple(factors)), tf.stack(ranks), bases
 

@@ -56,9 +56,9 @@ def orthonormalize(y: tf.Tensor) -> tf.Tensor:
     return tf.reshape(q, [size, rank])
 
 
-def leading_eigvecs(times: Callable[[tf.Tensor], tf.Tensor], start: np.ndarray | tf.Tensor,
-                    iters: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Approximate top eigenpairs of a symmetric PSD matrix G (I, I) by subspace iteration.
+def subspace_iteration(times: Callable[[tf.Tensor], tf.Tensor], start: tf.Tensor,
+                       iters: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Approximate top eigenvectors of a symmetric PSD matrix G (I, I) by subspace iteration.
 
     Args:
         times: ``v -> G v`` for a thin (I, R) ``v``: a product with G, or with the unfolding twice when G itself
@@ -67,13 +67,17 @@ def leading_eigvecs(times: Callable[[tf.Tensor], tf.Tensor], start: np.ndarray |
         iters: multiplications by G; each sharpens the basis by the eigenvalue ratio.
 
     Returns:
-        ``(q, lam)``: (I, R) orthonormal columns sorted by decreasing Rayleigh quotient ``lam`` (R,).
+        ``(q, G q)``: (I, R) orthonormal columns and their product with G, for :func:`by_rayleigh_quotient`.
     """
-    q = tf.constant(start) if isinstance(start, np.ndarray) else start
+    q = start
     for _ in range(iters):
         q = orthonormalize(times(q))
-    lam = tf.reduce_sum(q * times(q), axis=0)
-    lam, order = tf.math.top_k(lam, k=q.shape[1])
+    return q, times(q)
+
+
+def by_rayleigh_quotient(q: tf.Tensor, gq: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(q, lam)``: the columns of ``q`` sorted by decreasing Rayleigh quotient ``lam`` (R,), from ``gq`` = G q."""
+    lam, order = tf.math.top_k(tf.reduce_sum(q * gq, axis=0), k=q.shape[1])
     return tf.gather(q, order, axis=1), lam
 
 

@@ -138,3 +138,40 @@ def test_census_counts_macs_and_sees_variable_convolutions_on_builtin_kernels():
     converter.experimental_enable_resource_variables = True
     found = xnnpack.placements(converter.convert(), "serving_default")
     assert [p.delegated for p in found if p.op == "CONV_2D"] == [False]  # variable filter: built-in kernel
+
+
+def test_small_work_runs_in_a_loop_body_and_large_work_inline():
+    """``ops.undelegated`` on (8, 4) tensors: the main subgraph holds a WHILE where ``fn``'s ops were (the device
+    delegates no loop body), the body holds them (not hoisted out), and the outputs are ``fn``'s on the device
+    runtime. Above ``UNDELEGATED_BYTES`` it is ``fn`` inline."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from converter import ops
+    from tests.converter.builtin import convert_builtin, run_builtin
+
+    def fn(a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.sqrt(a * a + b), tf.reduce_sum(a * b, axis=0)
+
+    def traced(shape: tuple[int, int]) -> tf.types.experimental.GenericFunction:
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], autograph=False)
+        def f(x):
+            a, b = ops.undelegated(fn, tf.nn.relu(x), tf.abs(x))
+            return {"a": a, "b": b}
+        return f
+
+    def op_lists(shape: tuple[int, int]) -> list[list[str]]:
+        model = schema.ModelT.InitFromPackedBuf(convert_builtin(traced(shape)), 0)
+        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        return [[names[model.operatorCodes[op.opcodeIndex].builtinCode] for op in sub.operators]
+                for sub in model.subgraphs]
+
+    x = np.random.default_rng(8).standard_normal((8, 4)).astype(np.float32)
+    outputs = {o.shape: o for o in run_builtin(traced(x.shape), x)}
+    a, b = np.maximum(x, 0), np.abs(x)
+    np.testing.assert_allclose(outputs[(8, 4)], np.sqrt(a * a + b), rtol=1e-6)
+    np.testing.assert_allclose(outputs[(4,)], (a * b).sum(axis=0), rtol=1e-6)
+    main, *bodies = op_lists(x.shape)
+    assert "WHILE" in main and "SQRT" not in main and "SUM" not in main
+    assert any({"SQRT", "SUM", "MUL"} <= set(body) for body in bodies)
+    main, *bodies = op_lists((64, 32))  # 8 KiB each
+    assert "WHILE" not in main and {"SQRT", "SUM"} <= set(main)
