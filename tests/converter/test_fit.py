@@ -145,17 +145,22 @@ def test_search_finds_what_an_exhaustive_sweep_finds_within_its_step_bound() -> 
         assert len(asked) == len(set(asked)) <= search_steps(depths), (needs, ceiling, asked)
 
 
+def search_mobilenet(measured: dict[int, float]) -> tuple[int, list[int]]:
+    """The search under 256 MiB over MobileNetV2's 53 weighted layers on needs measured at some depths (MiB), the
+    others interpolated: what it finds and the depths it asked for."""
+    known = sorted(measured)
+    asked, need = counted(np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist())
+    return deepest_fitting(need, 256.0, 53), asked
+
+
 def test_search_stops_doubling_where_the_fitting_slope_crosses_the_ceiling() -> None:
     """MobileNetV2 224² hosvd under 256 MiB, the needs measured by ``bench.fit`` (MiB; depths it did not measure
     interpolated): plain doubling asked for 1, 2, 4, 8, 16, 32, 24, 20, 18, 17 (833 s of conversions); the line
     through 8 and 16 crosses 256 MiB at 16.6, so the search asks for 17, which fits, then 18 (the line through 16
     and 17), and never converts 32 or 24."""
-    measured = {1: 174.1, 2: 179.4, 4: 191.7, 8: 189.1, 16: 251.3, 17: 255.0, 18: 260.5, 20: 271.0, 24: 293.2,
-                32: 335.7, 53: 460.0}
-    known = sorted(measured)
-    needs = np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist()
-    asked, need = counted(needs)
-    assert deepest_fitting(need, 256.0, 53) == 17
+    found, asked = search_mobilenet({1: 174.1, 2: 179.4, 4: 191.7, 8: 189.1, 16: 251.3, 17: 255.0, 18: 260.5,
+                                     20: 271.0, 24: 293.2, 32: 335.7, 53: 460.0})
+    assert found == 17
     assert asked == [1, 2, 4, 8, 16, 17, 18]
 
 
@@ -164,12 +169,9 @@ def test_search_after_a_close_capped_step_asks_for_the_next_prediction_not_the_w
     ceiling, and doubling the step after it asked for all 53 layers (632 s of a 1,566 s search), then 41, 35, 32,
     33. Now a second short step in a row is needed before steps must double: 32, then 36 (twice the step 30 → 32),
     34, 33."""
-    measured = {1: 156.9, 2: 159.8, 4: 176.9, 8: 175.0, 16: 204.9, 30: 250.6, 32: 255.6, 33: 264.0, 35: 275.3,
-                41: 316.7, 53: 743.4}
-    known = sorted(measured)
-    needs = np.interp(np.arange(1, 54), known, [measured[d] for d in known]).tolist()
-    asked, need = counted(needs)
-    assert deepest_fitting(need, 256.0, 53) == 32
+    found, asked = search_mobilenet({1: 156.9, 2: 159.8, 4: 176.9, 8: 175.0, 16: 204.9, 30: 250.6, 32: 255.6,
+                                     33: 264.0, 35: 275.3, 41: 316.7, 53: 743.4})
+    assert found == 32
     assert asked == [1, 2, 4, 8, 16, 30, 32, 36, 34, 33]
     assert max(asked) < 41
 
