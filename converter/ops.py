@@ -73,9 +73,11 @@ def undelegated(fn: Callable[..., Sequence[tf.Tensor]], *inputs: tf.Tensor) -> l
     def small(tensors: Sequence[tf.Tensor | tf.TensorSpec]) -> bool:
         return all(t.dtype.size * math.prod(t.shape) <= UNDELEGATED_BYTES for t in tensors)
 
+    if not small(inputs):
+        return list(fn(*inputs))
     with tf.Graph().as_default():
         specs = [tf.TensorSpec(o.shape, o.dtype) for o in fn(*(tf.zeros(t.shape, t.dtype) for t in inputs))]
-    if not (small(inputs) and small(specs)):
+    if not small(specs):
         return list(fn(*inputs))
     n = len(inputs)
 
@@ -93,10 +95,11 @@ ops still read, XNNPACK packs a dynamic matmul operand into its workspace, and a
 int32 tensors as large as the float activation."""
 
 
-def chunk_bounds(size: int, nbytes: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges that split an axis of ``size`` so each slice holds at most about :data:`CHUNK_BYTES`
-    of the ``nbytes`` the whole tensors hold (one range when they are small, at most one per index)."""
-    parts = min(size, max(1, -(-nbytes // CHUNK_BYTES)))
+def chunk_bounds(size: int, nbytes: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges that split an axis of ``size`` so each slice holds at most about ``limit`` (default
+    :data:`CHUNK_BYTES`) of the ``nbytes`` the whole tensors hold (one range when they are small, at most one per
+    index)."""
+    parts = min(size, max(1, -(-nbytes // (limit or CHUNK_BYTES))))
     edges = [size * i // parts for i in range(parts + 1)]
     return list(itertools.pairwise(edges))
 
@@ -194,13 +197,9 @@ def matmul_tn(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     the converter took every block of ``a`` at once, long before ``b`` was made (measured: MobileNetV2's last 35
     layers uncompressed, 371.2 → 400.4 MiB; tied, 357.6).
     """
-    nbytes = a.dtype.size * a.shape[0] * (a.shape[1] + b.shape[1])
-    if nbytes <= MATMUL_CHUNK_BYTES:
-        return matmul(a, b, transpose_a=True)
-    parts = -(-nbytes // MATMUL_CHUNK_BYTES)
-    edges = [a.shape[0] * i // parts for i in range(parts + 1)]
-    return serial_chunks([a, b], 0, lambda a_rows, b_rows: matmul(a_rows, b_rows, transpose_a=True),
-                         list(itertools.pairwise(edges)), summed=True, after=b)[0]
+    blocks = chunk_bounds(a.shape[0], a.dtype.size * a.shape[0] * (a.shape[1] + b.shape[1]), MATMUL_CHUNK_BYTES)
+    return serial_chunks([a, b], 0, lambda a_rows, b_rows: matmul(a_rows, b_rows, transpose_a=True), blocks,
+                         summed=True, after=b)[0]
 
 
 def _tap_range(size: int, out: int, tap: int, stride: int, dilation: int, pad: int) -> tuple[int, int]:

@@ -88,7 +88,8 @@ def share_identical_subgraphs(flatbuffer: bytes) -> bytes:
     kept = [i for i in range(count) if canonical[i] == i]
     if len(kept) == count:
         return flatbuffer
-    new_index = {i: kept.index(canonical[i]) for i in range(count)}
+    position = {k: n for n, k in enumerate(kept)}
+    new_index = {i: position[canonical[i]] for i in range(count)}
 
     out = bytearray(buf)
     for i in kept:
