@@ -128,7 +128,6 @@ def test_the_slices_are_gathers_chained_one_after_another(small_slices):
     assert sum(op.inputs[1] in constant for op in gathers) == 1  # only the first slice's indices are constant
 
 
-
 def test_weight_gradient_products_are_summed_over_row_blocks_each_after_the_gradient(monkeypatch):
     """``aᵀb`` above ``MATMUL_CHUNK_BYTES`` (16 KiB here: 400 rows × 24 columns make 3 blocks) equals the whole
     product on the device runtime, and every block's rows, the first included, are a GATHER at indices computed
